@@ -1,0 +1,58 @@
+# FastServe: `make demo` runs the main job, `make test` the tests. Every target that needs the
+# virtualenv builds it first, so both work on a fresh machine with only Python 3.11 and make.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+SETUP_DONE := $(VENV)/.setup-done
+PROTOS := $(shell find proto -name '*.proto' | sort)
+STUBS_DONE := gen/python/.stubs-done
+
+.PHONY: setup proto test lint up down status demo clean
+
+setup: $(SETUP_DONE) $(STUBS_DONE)
+
+$(SETUP_DONE): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Stubs are generated into a temporary folder and swapped in whole, never edited by hand.
+proto: $(STUBS_DONE)
+$(STUBS_DONE): $(SETUP_DONE) $(PROTOS)
+	rm -rf gen/python.tmp && mkdir -p gen/python.tmp
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=gen/python.tmp --pyi_out=gen/python.tmp \
+		--grpc_python_out=gen/python.tmp $(PROTOS)
+	touch gen/python.tmp/.stubs-done
+	rm -rf gen/python && mv gen/python.tmp gen/python
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check shared services tests bench
+	cd proto && ../$(BIN)/buf lint
+	@if git cat-file -e main:proto/buf.yaml 2>/dev/null; then \
+		echo "buf breaking against main"; \
+		$(BIN)/buf breaking proto --against '.git#branch=main,subdir=proto'; \
+	else echo "main has no contracts yet: buf breaking skipped"; fi
+
+up: setup
+	$(BIN)/fastserve up
+
+down: setup
+	$(BIN)/fastserve down
+
+status: setup
+	$(BIN)/fastserve status
+
+demo: setup
+	$(BIN)/fastserve demo
+
+# `make bench-<name>` runs bench/<name>.py, which prints its RESULT lines.
+bench-%: setup
+	$(BIN)/python -m bench.$*
+
+clean:
+	rm -rf $(VENV) gen .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Benchmarks: each measures FastServe and its reference side by side in one run (`make bench-<name>`)."""

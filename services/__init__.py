@@ -1,0 +1,1 @@
+"""The four FastServe services, one package each: a thin gRPC servicer over a core."""

@@ -1,0 +1,1 @@
+"""The inference service (`fastserve.inference.v1`)."""

@@ -1,0 +1,1 @@
+"""The optimization service (`fastserve.optimization.v1`)."""

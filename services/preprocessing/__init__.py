@@ -1,0 +1,1 @@
+"""The preprocessing service (`fastserve.preprocessing.v1`)."""

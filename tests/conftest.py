@@ -1,0 +1,56 @@
+"""Fixtures that start real components: the tests' own redis-server on a free port (never the
+machine's 6379), service processes, Celery workers. All are torn down after."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.config import Config
+from shared.redis_server import RedisServer
+from shared.stores import Stores
+from tests.support.processes import free_port
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+def private_env(home: Path, redis_url: str) -> dict[str, str]:
+    """Environment of a private FastServe: its own home, the tests' Redis (emptied), no metrics ports."""
+    Stores.from_config(Config.from_env({"FASTSERVE_REDIS_URL": redis_url})).jobs.redis.flushdb()
+    return {
+        "FASTSERVE_HOME": str(home),
+        "FASTSERVE_REDIS_URL": redis_url,
+        "FASTSERVE_PREPROCESSING_METRICS_PORT": "0",
+        "FASTSERVE_TRAINING_METRICS_PORT": "0",
+        "FASTSERVE_OPTIMIZATION_METRICS_PORT": "0",
+        "FASTSERVE_INFERENCE_METRICS_PORT": "0",
+        "FASTSERVE_GRACE_SECONDS": "5",
+    }
+
+
+@pytest.fixture
+def env(tmp_path: Path, redis_server: RedisServer) -> dict[str, str]:
+    return private_env(tmp_path / "home", redis_server.url)
+
+
+@pytest.fixture
+def config(env: dict[str, str]) -> Config:
+    return Config.from_env(env)
+
+
+@pytest.fixture
+def stores(config: Config) -> Stores:
+    return Stores.from_config(config)
+
+
+@pytest.fixture
+def log_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "logs"
+    path.mkdir()
+    return path

@@ -1,0 +1,109 @@
+"""Launching real FastServe processes for tests: services, Celery workers, the probe server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from celery import Celery
+
+from shared.channels import health_status
+from shared.config import JOB_SERVICES
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class Proc:
+    """A child process with its log file; `stop` sends SIGTERM and waits."""
+
+    process: subprocess.Popen
+    log: Path
+    port: int = 0
+    node: str = ""
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the process and everything in its process group (Celery's pool children)."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+
+
+def spawn(argv: list[str], env: dict[str, str], log: Path, port: int = 0) -> Proc:
+    with open(log, "ab") as out:
+        process = subprocess.Popen(argv, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=out,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    return Proc(process, log, port)
+
+
+def wait_serving(proc: Proc, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(proc.target) as channel:
+        while health_status(channel, timeout=1.0) != "SERVING":
+            if proc.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server on {proc.target} did not start:\n{proc.log_text()[-3000:]}")
+            time.sleep(0.1)
+
+
+def start_service(service: str, env: dict[str, str], log_dir: Path) -> Proc:
+    """`python -m services.<service>` on a free port, returned once its health check says SERVING."""
+    port = free_port()
+    proc = spawn([sys.executable, "-m", f"services.{service}"],
+                 {**env, f"FASTSERVE_{service.upper()}_PORT": str(port)}, log_dir / f"{service}.log", port)
+    wait_serving(proc)
+    return proc
+
+
+def start_worker(env: dict[str, str], log_dir: Path, include: str = "tests.support.jobs",
+                 queues: tuple[str, ...] = JOB_SERVICES, timeout: float = 60.0) -> Proc:
+    """A real Celery worker process, returned once it answers a ping."""
+    node = f"test-{uuid.uuid4().hex[:8]}@localhost"
+    proc = spawn([sys.executable, "-m", "celery", "-A", "shared.celery_app", "worker", "-Q", ",".join(queues),
+                  "-n", node, "-I", include, "--concurrency", "1", "--without-mingle", "--without-gossip"],
+                 env, log_dir / f"worker-{node.split('@')[0]}.log")
+    proc.node = node
+    app = Celery(broker=env["FASTSERVE_REDIS_URL"])
+    deadline = time.monotonic() + timeout
+    try:
+        while not app.control.ping(destination=[node], timeout=0.5):
+            if proc.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not start:\n{proc.log_text()[-3000:]}")
+    finally:
+        app.close()
+    return proc

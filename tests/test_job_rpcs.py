@@ -1,0 +1,125 @@
+"""Job RPCs end to end: a real training service process, a real Celery worker, the tests' Redis."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from fastserve.common.v1 import jobs_pb2
+from fastserve.training.v1 import training_pb2 as pb
+from fastserve.training.v1 import training_pb2_grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from shared.config import Config
+from shared.job_queue import submit
+from shared.stores import Stores
+from tests.conftest import private_env
+from tests.support.processes import start_service, start_worker
+
+S = jobs_pb2.JobState
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, redis_server):
+    home = tmp_path_factory.mktemp("jobs")
+    env = private_env(home / "home", redis_server.url)
+    logs = home / "logs"
+    logs.mkdir()
+    service = start_service("training", env, logs)
+    worker = start_worker(env, logs)
+    channel = grpc.insecure_channel(service.target)
+    yield training_pb2_grpc.TrainingServiceStub(channel), Stores.from_config(Config.from_env(env)), worker
+    channel.close()
+    worker.stop()
+    service.stop()
+
+
+def _watch(stub, job_id, after=""):
+    return [r.event for r in stub.WatchJob(pb.WatchJobRequest(job_id=job_id, after_event_id=after), timeout=60)]
+
+
+def test_job_runs_on_worker_and_streams_events(stack):
+    stub, stores, _ = stack
+    job = submit(stores, "training", "test.count", {"steps": 10, "delay": 0.02})
+    events = _watch(stub, job.job_id)
+    states = [e.state for e in events if e.type == jobs_pb2.JOB_EVENT_TYPE_STATE]
+    assert states == [S.JOB_STATE_QUEUED, S.JOB_STATE_RUNNING, S.JOB_STATE_SUCCEEDED]
+    progress = [e.progress for e in events if e.type == jobs_pb2.JOB_EVENT_TYPE_PROGRESS]
+    assert progress == sorted(progress) and len(progress) == 10 and progress[-1] == 1.0
+    assert [e.data["value"] for e in events if e.type == jobs_pb2.JOB_EVENT_TYPE_METRICS][-1] == 100
+    done = stub.GetJob(pb.GetJobRequest(job_id=job.job_id)).job
+    assert done.state == S.JOB_STATE_SUCCEEDED and done.result["steps"] == 10
+    assert done.result["worker_pid"] != 0 and done.end_time.seconds >= done.start_time.seconds > 0
+    # A watcher that reconnects after an event gets exactly what followed it.
+    assert [e.event_id for e in _watch(stub, job.job_id, events[4].event_id)] == [e.event_id for e in events[5:]]
+
+
+def test_cancel_running_job_is_cooperative(stack):
+    stub, stores, _ = stack
+    job = submit(stores, "training", "test.count", {"steps": 500, "delay": 0.02})
+    stream = stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), timeout=60)
+    for response in stream:
+        if response.event.type == jobs_pb2.JOB_EVENT_TYPE_PROGRESS:
+            break
+    reply = stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id, reason="test"))
+    assert reply.job.state == S.JOB_STATE_CANCELLING and reply.job.cancel_requested
+    last = [r.event for r in stream][-1]
+    assert last.state == S.JOB_STATE_CANCELLED
+    final = stub.GetJob(pb.GetJobRequest(job_id=job.job_id)).job
+    assert final.state == S.JOB_STATE_CANCELLED and final.progress < 1.0
+    with pytest.raises(grpc.RpcError) as info:
+        stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_failures_are_recorded(stack):
+    stub, stores, _ = stack
+    failing = submit(stores, "training", "test.fail", {})
+    unknown = submit(stores, "training", "test.no_such_type", {})
+    assert _watch(stub, failing.job_id)[-1].state == S.JOB_STATE_FAILED
+    assert stub.GetJob(pb.GetJobRequest(job_id=failing.job_id)).job.error == "the test job refuses"
+    assert _watch(stub, unknown.job_id)[-1].state == S.JOB_STATE_FAILED
+    assert "no handler" in stub.GetJob(pb.GetJobRequest(job_id=unknown.job_id)).job.error
+
+
+def test_jobs_queue_behind_a_busy_worker(stack):
+    stub, stores, _ = stack
+    first = submit(stores, "training", "test.count", {"steps": 10, "delay": 0.05})
+    second = submit(stores, "training", "test.count", {"steps": 2, "delay": 0.01})
+    time.sleep(0.2)
+    assert stub.GetJob(pb.GetJobRequest(job_id=second.job_id)).job.state == S.JOB_STATE_QUEUED
+    assert _watch(stub, second.job_id)[-1].state == S.JOB_STATE_SUCCEEDED
+    a = stub.GetJob(pb.GetJobRequest(job_id=first.job_id)).job
+    b = stub.GetJob(pb.GetJobRequest(job_id=second.job_id)).job
+    assert a.state == S.JOB_STATE_SUCCEEDED and b.start_time.ToNanoseconds() >= a.end_time.ToNanoseconds()
+
+
+def test_list_jobs_with_filter(stack):
+    stub, stores, _ = stack
+    job = submit(stores, "training", "test.count", {"steps": 1, "delay": 0})
+    _watch(stub, job.job_id)
+    listed = stub.ListJobs(pb.ListJobsRequest(filter=jobs_pb2.JobFilter(
+        job_type="test.count", states=[S.JOB_STATE_SUCCEEDED])))
+    assert job.job_id in [j.job_id for j in listed.jobs]
+    assert all(j.state == S.JOB_STATE_SUCCEEDED and j.job_type == "test.count" for j in listed.jobs)
+
+
+def test_bad_job_requests(stack):
+    stub, stores, _ = stack
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetJob(pb.GetJobRequest())
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    bad = error_details_pb2.BadRequest()
+    assert any(d.Unpack(bad) for d in rpc_status.from_call(info.value).details)
+    assert bad.field_violations[0].field == "job_id"
+    other = stores.jobs.create("optimization", "optimization.x", {})
+    for call in (lambda: stub.GetJob(pb.GetJobRequest(job_id=other.job_id)),
+                 lambda: stub.GetJob(pb.GetJobRequest(job_id="nope"))):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ListJobs(pb.ListJobsRequest(filter=jobs_pb2.JobFilter(states=[S.JOB_STATE_UNSPECIFIED])))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -1,0 +1,94 @@
+"""The job store core against a real Redis (the tests' own)."""
+
+import threading
+import time
+
+import pytest
+
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from shared.jobs import EventType, JobState
+
+
+def test_lifecycle_events_in_order(stores):
+    jobs = stores.jobs
+    job = jobs.create("training", "training.train", {"lr": 0.1})
+    assert job.state is JobState.QUEUED and jobs.get(job.job_id).params == {"lr": 0.1}
+    jobs.transition(job.job_id, JobState.RUNNING)
+    jobs.report(job.job_id, EventType.PROGRESS, "half", progress=0.5)
+    jobs.report(job.job_id, EventType.METRICS, data={"loss": 1.5})
+    done = jobs.transition(job.job_id, JobState.SUCCEEDED, result={"uri": "artifact://models/m/1"})
+    assert done.progress == 1.0 and done.result == {"uri": "artifact://models/m/1"} and done.end_time >= done.start_time
+    events = list(jobs.events(job.job_id))
+    assert [(e.type, e.state) for e in events] == [
+        (EventType.STATE, JobState.QUEUED), (EventType.STATE, JobState.RUNNING),
+        (EventType.PROGRESS, JobState.RUNNING), (EventType.METRICS, JobState.RUNNING),
+        (EventType.STATE, JobState.SUCCEEDED)]
+    assert events[3].data == {"loss": 1.5}
+    resumed = list(jobs.events(job.job_id, after_event_id=events[2].event_id))
+    assert [e.event_id for e in resumed] == [e.event_id for e in events[3:]]
+
+
+def test_terminal_states_are_final(stores):
+    jobs = stores.jobs
+    job = jobs.create("training", "t", {})
+    jobs.transition(job.job_id, JobState.RUNNING)
+    jobs.transition(job.job_id, JobState.FAILED, error="boom")
+    for state in (JobState.RUNNING, JobState.SUCCEEDED, JobState.CANCELLED):
+        with pytest.raises(FailedPrecondition):
+            jobs.transition(job.job_id, state)
+    with pytest.raises(FailedPrecondition):
+        jobs.request_cancel(job.job_id)
+    assert jobs.get(job.job_id).error == "boom"
+
+
+def test_cancel_queued_is_immediate_running_is_cooperative(stores):
+    jobs = stores.jobs
+    queued = jobs.create("training", "t", {})
+    assert jobs.request_cancel(queued.job_id, "not needed").state is JobState.CANCELLED
+    running = jobs.create("training", "t", {})
+    jobs.transition(running.job_id, JobState.RUNNING)
+    after = jobs.request_cancel(running.job_id)
+    assert after.state is JobState.CANCELLING and after.cancel_requested and jobs.cancel_requested(running.job_id)
+
+
+def test_live_watch_sees_events_as_they_come(stores):
+    jobs = stores.jobs
+    job = jobs.create("training", "t", {})
+    seen = []
+    watcher = threading.Thread(target=lambda: seen.extend(jobs.events(job.job_id, block_ms=100)))
+    watcher.start()
+    time.sleep(0.3)
+    jobs.transition(job.job_id, JobState.RUNNING)
+    jobs.report(job.job_id, EventType.LOG, "hello")
+    jobs.transition(job.job_id, JobState.CANCELLED)
+    watcher.join(5)
+    assert not watcher.is_alive()
+    assert [e.message for e in seen][-2:] == ["hello", "cancelled"]
+
+
+def test_list_filters_and_pages(stores):
+    jobs = stores.jobs
+    made = [jobs.create("optimization", "optimization.quantize" if i % 2 else "optimization.prune", {"i": i})
+            for i in range(5)]
+    jobs.create("training", "training.train", {})
+    jobs.transition(made[0].job_id, JobState.CANCELLED)
+    page = jobs.list("optimization", page_size=2)
+    assert [j.params["i"] for j in page.jobs] == [4, 3] and page.total_size == 5
+    rest = jobs.list("optimization", page_size=2, page_token=page.next_page_token)
+    last = jobs.list("optimization", page_size=2, page_token=rest.next_page_token)
+    assert [j.params["i"] for j in rest.jobs + last.jobs] == [2, 1, 0] and last.next_page_token == ""
+    assert {j.params["i"] for j in jobs.list("optimization", job_type="optimization.quantize").jobs} == {1, 3}
+    assert [j.params["i"] for j in jobs.list("optimization", states=frozenset({JobState.CANCELLED})).jobs] == [0]
+
+
+def test_bad_requests(stores):
+    with pytest.raises(NotFound):
+        stores.jobs.get("missing")
+    with pytest.raises(InvalidArgument) as info:
+        stores.jobs.list("training", page_token="garbage!")
+    assert info.value.violations[0].field == "page.page_token"
+    with pytest.raises(InvalidArgument):
+        stores.jobs.list("training", page_size=5000)
+    job = stores.jobs.create("training", "t", {})
+    with pytest.raises(InvalidArgument):
+        list(stores.jobs.events(job.job_id, after_event_id="nope"))

@@ -1,0 +1,223 @@
+"""The server factory every service uses: health, reflection, error mapping, limits, auth, TLS,
+graceful shutdown. Real gRPC servers on loopback; the probe service stands in for a service's RPCs."""
+
+from __future__ import annotations
+
+import datetime
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from fastserve.common.v1 import errors_pb2
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from grpc_status import rpc_status
+
+from shared.channels import health_status, open_channel
+from shared.config import Config
+from shared.server import create_server
+from tests.support import probe
+from tests.support.processes import free_port, port_open, spawn, wait_serving
+
+
+@pytest.fixture
+def server(config: Config):
+    running = create_server("inference", probe.register, config, port=0)
+    yield running
+    running.stop(0)
+
+
+@pytest.fixture
+def channel(server):
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        yield ch
+
+
+def test_health_overall_and_per_service(channel):
+    assert health_status(channel) == "SERVING"
+    assert health_status(channel, probe.SERVICE) == "SERVING"
+    assert health_status(channel, "fastserve.no.v1.Such") == "UNREACHABLE"  # NOT_FOUND for unknown services
+
+
+def test_reflection_lists_services(channel):
+    names = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {probe.SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+
+
+def test_stop_reports_not_serving_to_watchers(server, channel):
+    from grpc_health.v1 import health_pb2_grpc
+
+    stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
+    threading.Thread(target=server.stop, args=(2,)).start()
+    assert next(stream).status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.mark.parametrize("kind, code", [
+    ("invalid", grpc.StatusCode.INVALID_ARGUMENT),
+    ("not_found", grpc.StatusCode.NOT_FOUND),
+    ("already_exists", grpc.StatusCode.ALREADY_EXISTS),
+    ("failed_precondition", grpc.StatusCode.FAILED_PRECONDITION),
+    ("resource_exhausted", grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ("unavailable", grpc.StatusCode.UNAVAILABLE),
+    ("deadline", grpc.StatusCode.DEADLINE_EXCEEDED),
+    ("cancelled", grpc.StatusCode.CANCELLED),
+])
+def test_domain_errors_map_to_codes(channel, kind, code):
+    with pytest.raises(grpc.RpcError) as info:
+        probe.call(channel, "Raise", kind.encode())
+    assert info.value.code() == code
+    status = rpc_status.from_call(info.value)
+    detail = errors_pb2.ErrorDetail()
+    assert any(d.Unpack(detail) for d in status.details)
+    assert errors_pb2.ErrorReason.Name(detail.reason) == f"ERROR_REASON_{code.name}"
+    assert detail.service == "inference" and detail.request_id
+
+
+def test_invalid_argument_names_the_field(channel):
+    with pytest.raises(grpc.RpcError) as info:
+        probe.call(channel, "Raise", b"invalid")
+    bad = error_details_pb2.BadRequest()
+    assert any(d.Unpack(bad) for d in rpc_status.from_call(info.value).details)
+    assert [(v.field, v.description) for v in bad.field_violations] == [
+        ("hyperparameters.learning_rate", "learning_rate must be > 0")]
+
+
+def test_unexpected_error_is_internal_with_request_id_and_no_traceback(channel, caplog):
+    with pytest.raises(grpc.RpcError) as info:
+        probe.call(channel, "Raise", b"bug", metadata=(("x-request-id", "req-123"),))
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert info.value.details() == "internal error (request id req-123)"
+    assert "ZeroDivisionError" not in info.value.details() and "secret" not in info.value.details()
+    assert ("x-request-id", "req-123") in info.value.trailing_metadata()
+    logged = [r for r in caplog.records if r.exc_info]
+    assert logged and "request id req-123" in logged[0].getMessage()
+
+
+def test_error_mid_stream_keeps_its_code(channel):
+    received = []
+    with pytest.raises(grpc.RpcError) as info:
+        for item in probe.stream(channel, "Count", b"3:not_found"):
+            received.append(int(item))
+    assert received == [0, 1, 2]
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_request_id_returned_on_success(channel):
+    _, call = channel.unary_unary(f"/{probe.SERVICE}/Echo").with_call(b"x")
+    assert dict(call.trailing_metadata())["x-request-id"]
+
+
+def test_oversized_message_is_resource_exhausted(env):
+    config = Config.from_env({**env, "FASTSERVE_MAX_MESSAGE_MB": "1"})
+    running = create_server("inference", probe.register, config, port=0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            assert probe.call(ch, "Echo", b"a" * 1000) == b"a" * 1000
+            with pytest.raises(grpc.RpcError) as info:
+                probe.call(ch, "Echo", b"a" * (2 * 1024 * 1024))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        running.stop(0)
+
+
+def test_bearer_token(env):
+    config = Config.from_env({**env, "FASTSERVE_AUTH_TOKEN": "s3cret"})
+    running = create_server("inference", probe.register, config, port=0)
+    target = f"127.0.0.1:{running.port}"
+    try:
+        with grpc.insecure_channel(target) as bare:
+            for metadata in [(), (("authorization", "Bearer wrong"),), (("authorization", "s3cret"),)]:
+                with pytest.raises(grpc.RpcError) as info:
+                    probe.call(bare, "Echo", b"x", metadata=metadata)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as info:
+                list(probe.stream(bare, "Count", b"2"))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert health_status(bare) == "SERVING"  # probes carry no token
+        with open_channel(target, config) as authed:
+            assert probe.call(authed, "Echo", b"x") == b"x"
+            assert [int(i) for i in probe.stream(authed, "Count", b"2")] == [0, 1]
+    finally:
+        running.stop(0)
+
+
+def _certificate(tmp_path, name: str, issuer=None):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer_cert, issuer_key = issuer or (None, key)
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject)
+            .issuer_name(issuer_cert.subject if issuer_cert else subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
+            .sign(issuer_key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert, key, str(cert_path), str(key_path)
+
+
+def test_tls_and_mutual_tls(env, tmp_path):
+    ca_cert, ca_key, ca_path, _ = _certificate(tmp_path, "ca")
+    _, _, server_cert, server_key = _certificate(tmp_path, "localhost", (ca_cert, ca_key))
+    _, _, client_cert, client_key = _certificate(tmp_path, "client", (ca_cert, ca_key))
+    tls = Config.from_env({**env, "FASTSERVE_TLS_CERT": server_cert, "FASTSERVE_TLS_KEY": server_key})
+    running = create_server("inference", probe.register, tls, port=0)
+    trust_ca = Config.from_env({**env, "FASTSERVE_TLS_CERT": ca_path})
+    try:
+        with open_channel(f"localhost:{running.port}", trust_ca) as ch:
+            assert probe.call(ch, "Echo", b"tls") == b"tls"
+        with grpc.insecure_channel(f"localhost:{running.port}") as plain:
+            with pytest.raises(grpc.RpcError):
+                probe.call(plain, "Echo", b"x", timeout=3)
+    finally:
+        running.stop(0)
+
+    mtls = Config.from_env({**env, "FASTSERVE_TLS_CERT": server_cert, "FASTSERVE_TLS_KEY": server_key,
+                            "FASTSERVE_TLS_CLIENT_CA": ca_path})
+    running = create_server("inference", probe.register, mtls, port=0)
+    try:
+        with open_channel(f"localhost:{running.port}", trust_ca) as no_cert:
+            with pytest.raises(grpc.RpcError) as info:
+                probe.call(no_cert, "Echo", b"x", timeout=3)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        with open_channel(f"localhost:{running.port}", trust_ca, client_cert, client_key) as with_cert:
+            assert probe.call(with_cert, "Echo", b"mtls") == b"mtls"
+    finally:
+        running.stop(0)
+
+
+def test_loopback_by_default(server):
+    assert Config().host == "127.0.0.1"
+    assert port_open(server.port)
+
+
+def test_sigterm_lets_in_flight_call_finish(env, log_dir):
+    port = free_port()
+    proc = spawn([sys.executable, "-m", "tests.support.probe"],
+                 {**env, "FASTSERVE_INFERENCE_PORT": str(port), "FASTSERVE_GRACE_SECONDS": "10"},
+                 log_dir / "probe.log", port)
+    try:
+        wait_serving(proc)
+        with grpc.insecure_channel(proc.target) as ch:
+            future = ch.unary_unary(f"/{probe.SERVICE}/Sleep").future(b"2", timeout=15)
+            time.sleep(0.5)  # the call is in flight
+            proc.process.terminate()
+            assert future.result() == b"slept 2"
+            assert proc.process.wait(10) == 0
+        assert not port_open(port)
+        assert "shutting down" in proc.log_text()
+    finally:
+        proc.stop()
