@@ -175,6 +175,8 @@ def _component(name: str, proc: subprocess.Popen, log_path: str, port: int = 0) 
 
 def _require_free(host: str, port: int, variable: str) -> None:
     with socket.socket() as s:
+        # As the gRPC server does: a port left in TIME_WAIT by a closed connection is free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

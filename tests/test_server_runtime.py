@@ -221,3 +221,53 @@ def test_sigterm_lets_in_flight_call_finish(env, log_dir):
         assert "shutting down" in proc.log_text()
     finally:
         proc.stop()
+
+
+def test_metrics_per_method_and_code(channel):
+    from urllib.request import urlopen
+
+    from prometheus_client import REGISTRY
+
+    from shared.metrics import serve_metrics
+
+    def calls(method, code):
+        return REGISTRY.get_sample_value(
+            "fastserve_rpc_calls_total", {"service": "inference", "method": method, "code": code}) or 0
+
+    before_ok, before_nf = calls("Echo", "OK"), calls("Raise", "NOT_FOUND")
+    probe.call(channel, "Echo", b"x")
+    with pytest.raises(grpc.RpcError):
+        probe.call(channel, "Raise", b"not_found")
+    assert calls("Echo", "OK") == before_ok + 1 and calls("Raise", "NOT_FOUND") == before_nf + 1
+    assert REGISTRY.get_sample_value("fastserve_rpc_in_flight", {"service": "inference", "method": "Echo"}) == 0
+    port = free_port()
+    serve_metrics("127.0.0.1", port)
+    text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'fastserve_rpc_calls_total{code="NOT_FOUND",method="Raise",service="inference"}' in text
+    assert "fastserve_rpc_latency_seconds_bucket" in text
+
+
+def test_json_log_lines():
+    import json
+    import logging
+
+    from shared.logs import JsonFormatter, request_id
+
+    token = request_id.set("abc")
+    try:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed %s", ("here",), None)
+        record.service, record.request_id = "training", request_id.get()
+        entry = json.loads(JsonFormatter().format(record))
+    finally:
+        request_id.reset(token)
+    assert entry["message"] == "failed here" and entry["request_id"] == "abc" and entry["service"] == "training"
+
+
+def test_celery_accepts_json_only_and_survives_worker_loss():
+    from shared.celery_app import celery_settings
+
+    settings = celery_settings(Config())
+    assert settings["accept_content"] == ["json"] and settings["task_serializer"] == "json"
+    assert settings["result_accept_content"] == ["json"]
+    assert settings["task_acks_late"] and settings["task_reject_on_worker_lost"]
+    assert settings["worker_prefetch_multiplier"] == 1
