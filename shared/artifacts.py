@@ -58,9 +58,11 @@ class Artifact:
 
 @dataclass
 class Draft:
-    """An artifact being written: files go under `path`; `ref` is set once it is published."""
+    """An artifact being written: files go under `path`, `metadata` may be filled while writing;
+    `ref` is set once it is published."""
 
     path: Path
+    metadata: dict[str, Any] = field(default_factory=dict)
     ref: ArtifactRef | None = None
 
 
@@ -169,10 +171,10 @@ class ArtifactStore:
         """
         folder = self._dir(kind, name)
         staging = Path(tempfile.mkdtemp(prefix=f"{kind}-{name}-", dir=self._staging))
-        draft = Draft(staging)
+        draft = Draft(staging, dict(metadata or {}))
         try:
             yield draft
-            manifest = _write_manifest(staging, kind, name, metadata or {})
+            manifest = _write_manifest(staging, kind, name, draft.metadata)
             folder.mkdir(parents=True, exist_ok=True)
             published = self._rename_into(staging, folder, kind, name, version, manifest)
         except BaseException:

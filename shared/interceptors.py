@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from fastserve.common.v1 import errors_pb2
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from fastserve.common.v1 import errors_pb2
 from shared import errors, logs
 from shared.metrics import RPC_CALLS, RPC_ERRORS, RPC_IN_FLIGHT, RPC_LATENCY
 

@@ -10,49 +10,12 @@ from collections.abc import Iterator
 from types import ModuleType
 
 import grpc
-from fastserve.common.v1 import jobs_pb2, pagination_pb2
-from google.protobuf import struct_pb2, timestamp_pb2
 
+from fastserve.common.v1 import pagination_pb2
+from shared.common_protos import event_to_proto, job_to_proto, states_from_proto
 from shared.errors import InvalidArgument, NotFound
-from shared.jobs import Job, JobEvent, JobState
+from shared.jobs import Job
 from shared.stores import Stores
-
-
-def job_to_proto(job: Job) -> jobs_pb2.Job:
-    return jobs_pb2.Job(
-        job_id=job.job_id, service=job.service, job_type=job.job_type,
-        state=jobs_pb2.JobState.Value(f"JOB_STATE_{job.state.value}"), progress=job.progress,
-        message=job.message, error=job.error, params=_struct(job.params), result=_struct(job.result),
-        create_time=_ts(job.create_time), update_time=_ts(job.update_time),
-        start_time=_ts(job.start_time), end_time=_ts(job.end_time), cancel_requested=job.cancel_requested)
-
-
-def event_to_proto(event: JobEvent) -> jobs_pb2.JobEvent:
-    return jobs_pb2.JobEvent(
-        job_id=event.job_id, event_id=event.event_id,
-        type=jobs_pb2.JobEventType.Value(f"JOB_EVENT_TYPE_{event.type.value}"),
-        state=jobs_pb2.JobState.Value(f"JOB_STATE_{event.state.value}"), progress=event.progress,
-        message=event.message, data=_struct(event.data), time=_ts(event.time))
-
-
-def states_from_proto(states) -> frozenset[JobState]:
-    if jobs_pb2.JOB_STATE_UNSPECIFIED in states:
-        raise InvalidArgument("JOB_STATE_UNSPECIFIED is not a state to filter on", field="filter.states")
-    return frozenset(JobState(jobs_pb2.JobState.Name(s).removeprefix("JOB_STATE_")) for s in states)
-
-
-def _struct(values: dict) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    s.update(values)
-    return s
-
-
-def _ts(seconds: float) -> timestamp_pb2.Timestamp | None:
-    if not seconds:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
 
 
 def _job_id(request) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -106,3 +107,27 @@ def run(stores: Stores, job_id: str) -> JobState:
         log.exception("job %s failed", job_id)
         return jobs.transition(job_id, JobState.FAILED, error=f"{type(exc).__name__}: {exc}").state
     return jobs.transition(job_id, JobState.SUCCEEDED, "succeeded", result=result).state
+
+
+class ProgressMeter:
+    """Reports a job's progress through a stream of work: the fraction done, and at most every
+    `interval` seconds a METRICS event with items and bytes done, MB/s and ETA. Each call is also a
+    cancellation point."""
+
+    def __init__(self, ctx: JobContext, total_bytes: int, unit: str = "documents", interval: float = 0.5) -> None:
+        self.ctx, self.total, self.unit, self.interval = ctx, max(total_bytes, 1), unit, interval
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, items: int, done_bytes: int) -> None:
+        self.ctx.check_cancelled()
+        now = time.monotonic()
+        if now - self.last < self.interval and done_bytes < self.total:
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = done_bytes / elapsed
+        fraction = min(done_bytes / self.total, 1.0)
+        message = f"{items} {self.unit}, {done_bytes / 1e6:.1f}/{self.total / 1e6:.1f} MB"
+        self.ctx.progress(fraction, message)
+        self.ctx.metrics(message, **{self.unit: items}, bytes=done_bytes, mb_per_s=round(rate / 1e6, 3),
+                         eta_seconds=round((self.total - done_bytes) / rate, 1) if rate else None)

@@ -6,12 +6,12 @@ import time
 
 import grpc
 import pytest
-from fastserve.common.v1 import jobs_pb2
-from fastserve.training.v1 import training_pb2 as pb
-from fastserve.training.v1 import training_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from fastserve.common.v1 import jobs_pb2
+from fastserve.training.v1 import training_pb2 as pb
+from fastserve.training.v1 import training_pb2_grpc
 from shared.config import Config
 from shared.job_queue import submit
 from shared.stores import Stores

@@ -10,12 +10,12 @@ import time
 
 import grpc
 import pytest
-from fastserve.common.v1 import errors_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from grpc_status import rpc_status
 
+from fastserve.common.v1 import errors_pb2
 from shared.channels import health_status, open_channel
 from shared.config import Config
 from shared.server import create_server

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
-from fastserve.inference.v1 import inference_pb2, inference_pb2_grpc
 
+from fastserve.inference.v1 import inference_pb2, inference_pb2_grpc
 from shared.stores import Stores
 
 SERVICE = "inference"

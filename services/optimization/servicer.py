@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
-from fastserve.optimization.v1 import optimization_pb2, optimization_pb2_grpc
 
+from fastserve.optimization.v1 import optimization_pb2, optimization_pb2_grpc
 from shared.job_rpcs import JobRpcs
 from shared.stores import Stores
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
-from fastserve.training.v1 import training_pb2, training_pb2_grpc
 
+from fastserve.training.v1 import training_pb2, training_pb2_grpc
 from shared.job_rpcs import JobRpcs
 from shared.stores import Stores
 
