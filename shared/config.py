@@ -75,6 +75,9 @@ class Config:
     job_visibility_timeout: int = _setting(
         "FASTSERVE_JOB_VISIBILITY_TIMEOUT", 7 * 24 * 3600,
         "Seconds before Redis redelivers an unacknowledged job; longer than any job may run.")
+    job_lease_seconds: float = _setting(
+        "FASTSERVE_JOB_LEASE_SECONDS", 30.0,
+        "A running job's lease; a job whose worker died is queued again this long after its last renewal.")
     worker_concurrency: int = _setting(
         "FASTSERVE_WORKER_CONCURRENCY", 1, "Jobs one Celery worker process runs at once.")
 

@@ -1,9 +1,10 @@
 """Running a job on a worker: the registry of job handlers and the life cycle around them.
 
 A service declares `@job_handler("training.train")` on a function `(ctx: JobContext) -> dict`. The
-runner moves the job to RUNNING, calls the handler, and records SUCCEEDED with the returned result,
-CANCELLED when the handler stopped at a cancel check, or FAILED with the error. A job redelivered
-after its worker died is still RUNNING and runs again; handlers resume from their checkpoints.
+runner takes the job's lease (so no two runners run it at once), moves it to RUNNING, calls the
+handler, and records SUCCEEDED with the returned result, CANCELLED when the handler stopped at a
+cancel check, or FAILED with the error. A job redelivered after its worker died is still RUNNING and
+runs again; handlers resume from their checkpoints.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from shared.config import Config
 from shared.errors import FailedPrecondition, FastServeError
+from shared.job_lease import JobLease
 from shared.jobs import EventType, Job, JobState
 from shared.stores import Stores
 
@@ -79,7 +81,18 @@ def context_from_env() -> Stores:
 
 
 def run(stores: Stores, job_id: str) -> JobState:
-    """Run job `job_id` to a terminal state (or leave it as it is if it already ended)."""
+    """Run job `job_id` to a terminal state (or leave it as it is if it ended or runs elsewhere)."""
+    lease = JobLease(stores.jobs.redis, job_id, stores.config.job_lease_seconds)
+    if not lease.acquire():
+        log.info("job %s is already running elsewhere; this delivery does nothing", job_id)
+        return stores.jobs.get(job_id).state
+    try:
+        return _run(stores, job_id)
+    finally:
+        lease.release()
+
+
+def _run(stores: Stores, job_id: str) -> JobState:
     jobs = stores.jobs
     job = jobs.get(job_id)
     if job.state.terminal:

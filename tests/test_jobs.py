@@ -92,3 +92,52 @@ def test_bad_requests(stores):
     job = stores.jobs.create("training", "t", {})
     with pytest.raises(InvalidArgument):
         list(stores.jobs.events(job.job_id, after_event_id="nope"))
+
+
+def test_lease_is_exclusive_and_expires(stores):
+    from shared.job_lease import JobLease
+
+    job = stores.jobs.create("training", "t", {})
+    first = JobLease(stores.jobs.redis, job.job_id, ttl_seconds=0.6)
+    assert first.acquire()
+    time.sleep(1.0)  # renewed by its heartbeat past its TTL
+    assert not JobLease(stores.jobs.redis, job.job_id, 0.6).acquire()
+    first.release()
+    second = JobLease(stores.jobs.redis, job.job_id, 0.3)
+    assert second.acquire()
+    second._stop.set()  # a runner that died: no more renewals
+    second._thread.join()
+    time.sleep(0.5)
+    assert JobLease(stores.jobs.redis, job.job_id, 0.3).acquire()
+
+
+def test_runner_skips_a_job_whose_lease_is_held(stores):
+    from shared import job_runner
+    from shared.job_lease import JobLease
+
+    job = stores.jobs.create("training", "test.never", {})
+    held = JobLease(stores.jobs.redis, job.job_id, 5)
+    assert held.acquire()
+    try:
+        assert job_runner.run(stores, job.job_id) is JobState.QUEUED  # nothing ran, not even FAILED
+    finally:
+        held.release()
+
+
+def test_orphans_are_requeued_once(stores):
+    from shared.job_lease import JobLease, recover_orphans
+
+    orphan = stores.jobs.create("training", "t", {})
+    stores.jobs.transition(orphan.job_id, JobState.RUNNING)
+    alive = stores.jobs.create("training", "t", {})
+    stores.jobs.transition(alive.job_id, JobState.RUNNING)
+    lease = JobLease(stores.jobs.redis, alive.job_id, 5)
+    lease.acquire()
+    queued = []
+    try:
+        for _ in range(2):  # two workers sweeping at once
+            recover_orphans(stores.jobs, ("training",), lambda s, j: queued.append((s, j)), claim_seconds=5)
+    finally:
+        lease.release()
+    assert queued == [("training", orphan.job_id)]
+    assert stores.jobs.get(orphan.job_id).message == "its worker was lost; queued again to resume"
