@@ -162,6 +162,14 @@ class ArtifactStore:
                     found.append(self.resolve(f"{SCHEME}{k}/{name_dir.name}/{version}"))
         return found
 
+    def delete(self, kind: str, name: str, version: int) -> None:
+        """Remove one version: renamed out of sight first, so readers never see half of it."""
+        path = safe_join(self.root, f"{kind}/{name}/{version}")
+        if path.is_dir():
+            doomed = Path(tempfile.mkdtemp(prefix="deleted-", dir=self._staging))
+            os.rename(path, doomed / "artifact")
+            shutil.rmtree(doomed, ignore_errors=True)
+
     @contextlib.contextmanager
     def publish(self, kind: str, name: str, metadata: dict[str, Any] | None = None,
                 version: int | None = None) -> Iterator[Draft]:

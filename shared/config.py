@@ -78,6 +78,9 @@ class Config:
     job_lease_seconds: float = _setting(
         "FASTSERVE_JOB_LEASE_SECONDS", 30.0,
         "A running job's lease; a job whose worker died is queued again this long after its last renewal.")
+    worker_memory_gb: float = _setting(
+        "FASTSERVE_WORKER_MEMORY_GB", 0.0,
+        "Memory a training worker may use; jobs estimated to need more are refused. 0: this machine's.")
     worker_concurrency: int = _setting(
         "FASTSERVE_WORKER_CONCURRENCY", 1, "Jobs one Celery worker process runs at once.")
 

@@ -1,28 +1,60 @@
-"""gRPC servicer of `fastserve.training.v1.TrainingService`: translates protobuf to the core and back."""
+"""gRPC servicer of `fastserve.training.v1.TrainingService`: protobuf in, the core, protobuf out."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 
-from fastserve.training.v1 import training_pb2, training_pb2_grpc
+from fastserve.training.v1 import training_pb2 as pb
+from fastserve.training.v1 import training_pb2_grpc
+from services.training.core import SERVICE, Training
+from shared.common_protos import job_to_proto
 from shared.job_rpcs import JobRpcs
 from shared.stores import Stores
 
-SERVICE = "training"
+
+def _enum(name: str, prefix: str) -> str:
+    """`LR_SCHEDULE_COSINE` -> `cosine`; UNSPECIFIED -> "" so the core applies its default or refuses."""
+    value = name.removeprefix(prefix).lower()
+    return "" if value == "unspecified" else value
+
+
+def request_params(request: pb.SubmitTrainingJobRequest) -> dict[str, Any]:
+    """The request as the job's JSON parameters."""
+    model: dict[str, Any] = {}
+    if request.model.WhichOneof("source") == "architecture":
+        a = request.model.architecture
+        model["architecture"] = {
+            "family": _enum(pb.ArchitectureFamily.Name(a.family), "ARCHITECTURE_FAMILY_") or "unspecified",
+            "num_layers": a.num_layers, "hidden_size": a.hidden_size, "num_heads": a.num_heads,
+            "intermediate_size": a.intermediate_size, "max_position_embeddings": a.max_position_embeddings,
+            "vocab_size": a.vocab_size, "dropout": a.dropout if a.HasField("dropout") else None}
+    elif request.model.WhichOneof("source") == "pretrained_uri":
+        model["pretrained_uri"] = request.model.pretrained_uri
+    h = request.hyperparameters
+    hyper = {field.name: getattr(h, field.name) for field in h.DESCRIPTOR.fields
+             if field.name not in ("lr_schedule", "precision")}
+    hyper["lr_schedule"] = _enum(pb.LrSchedule.Name(h.lr_schedule), "LR_SCHEDULE_")
+    hyper["precision"] = _enum(pb.Precision.Name(h.precision), "PRECISION_")
+    task = _enum(pb.TrainingTask.Name(request.task), "TRAINING_TASK_") or "unspecified"
+    return {"model": model, "task": task, "dataset_uri": request.dataset_uri, "tokenizer_uri": request.tokenizer_uri,
+            "hyperparameters": hyper, "output_name": request.output_name, "num_processes": request.num_processes}
 
 
 class TrainingServicer(JobRpcs, training_pb2_grpc.TrainingServiceServicer):
-    """Job RPCs come from JobRpcs; RPCs not yet built answer UNIMPLEMENTED (the generated default)."""
-
     service = SERVICE
-    pb2 = training_pb2
+    pb2 = pb
 
     def __init__(self, stores: Stores) -> None:
         self.stores = stores
+        self.core = Training(stores)
+
+    def SubmitTrainingJob(self, request: pb.SubmitTrainingJobRequest, context):
+        return pb.SubmitTrainingJobResponse(job=job_to_proto(self.core.submit(request_params(request))))
 
 
 def register(server: grpc.Server, stores: Stores) -> Sequence[str]:
     training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(stores), server)
-    return [training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name]
+    return [pb.DESCRIPTOR.services_by_name["TrainingService"].full_name]
