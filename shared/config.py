@@ -55,6 +55,9 @@ class Config:
         "embedded redis-server under FASTSERVE_HOME.")
     embedded_redis_port: int = _setting(
         "FASTSERVE_EMBEDDED_REDIS_PORT", 6390, "Loopback port of the embedded Redis, when one is started.")
+    inference_models: str = _setting(
+        "FASTSERVE_INFERENCE_MODELS", "all-MiniLM-L6-v2=builtin://all-MiniLM-L6-v2",
+        "Models the inference service loads at start, `name=uri` comma-separated; `none` for none.")
     log_format: str = _setting("FASTSERVE_LOG_FORMAT", "human", "Log line format: `human` or `json`.")
     log_level: str = _setting("FASTSERVE_LOG_LEVEL", "INFO", "Root log level (DEBUG, INFO, WARNING, ...).")
     max_message_mb: int = _setting(
