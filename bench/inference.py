@@ -1,7 +1,9 @@
 """make bench-inference: all-MiniLM-L6-v2 embeddings served to 32 concurrent clients, each sending one
 sentence at a time, against the same model batched in-process at its best batch size.
 
-One inference server process serves the model twice: with dynamic batching, and with batching off.
+One inference server process serves the model twice: with dynamic batching (batches of up to
+BENCH_INFERENCE_BATCH, default 16, so that one batch computes while the other half of the clients'
+requests arrive), and with batching off.
 The clients are asyncio gRPC calls from this process (one sentence each, 8 to 24 words). The
 reference runs transformers in this process, tokenizing and pooling inside the timed loop, at batch
 sizes 1 to 64, and keeps its best. The device is chosen automatically (CUDA when present).
@@ -31,6 +33,7 @@ from shared.model_refs import BUILTIN_MODELS
 from tests.support.processes import Proc, free_port, spawn, wait_serving
 
 CLIENTS = 32
+BATCH = int(os.environ.get("BENCH_INFERENCE_BATCH", "16"))
 REQUESTS = int(os.environ.get("BENCH_INFERENCE_REQUESTS", "1600"))
 MODEL = "all-MiniLM-L6-v2"
 WORDS = "the quick brown fox jumps over the lazy dog while serving language models at scale".split()
@@ -96,7 +99,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-inf-"))
     env = {"FASTSERVE_HOME": str(work / "home"), "FASTSERVE_INFERENCE_PORT": str(port),
            "FASTSERVE_INFERENCE_METRICS_PORT": "0", "FASTSERVE_LOG_LEVEL": "WARNING",
-           "FASTSERVE_REDIS_URL": "redis://127.0.0.1:1/0", "OMP_NUM_THREADS": os.environ.get("SRV_THREADS", "2")}
+           "FASTSERVE_REDIS_URL": "redis://127.0.0.1:1/0"}  # inference needs no Redis
     server: Proc = spawn([sys.executable, "-m", "services.inference"], env, work / "inference.log", port)
     try:
         wait_serving(server, timeout=180)
@@ -105,11 +108,10 @@ def main() -> None:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             stub.LoadModel(pb.LoadModelRequest(name=f"{MODEL}-unbatched", model_uri=f"builtin://{MODEL}",
                                                config=pb.ModelConfig(batching=pb.BatchingConfig(enabled=False))))
+            # The served model as a user would tune it for this load: batches up to the number of clients.
             stub.LoadModel(pb.LoadModelRequest(name=f"{MODEL}-batched", model_uri=f"builtin://{MODEL}",
-                                               config=pb.ModelConfig(instances=int(os.environ.get("INST", "1")),
-                                                                     batching=pb.BatchingConfig(
-                                                   enabled=True, max_batch_size=int(os.environ.get("MAXB", "32")),
-                                                   max_queue_delay_us=int(os.environ.get("DELAY_US", "20000"))))))
+                                               config=pb.ModelConfig(batching=pb.BatchingConfig(
+                                                   enabled=True, max_batch_size=BATCH, max_queue_delay_us=20000))))
         texts = sentences(REQUESTS)
         batched, batched_lat = asyncio.run(load_phase(target, f"{MODEL}-batched", texts))
         unbatched, unbatched_lat = asyncio.run(load_phase(target, f"{MODEL}-unbatched", texts))
@@ -122,7 +124,8 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"device {device}, {os.cpu_count()} cores, {CLIENTS} clients x 1 sentence, {REQUESTS} requests per phase")
     print("in-process batched: " + ", ".join(f"batch {b}: {v:.0f}/s" for b, v in figures.items()))
-    print(f"served with batching: {batched:.0f} sentences/s, mean batch {stats.inference_count / stats.batch_count:.1f}, "
+    mean_batch = stats.inference_count / stats.batch_count
+    print(f"served with batching (max batch {BATCH}): {batched:.0f} sentences/s, mean batch {mean_batch:.1f}, "
           f"p50 {np.percentile(batched_lat, 50):.1f} ms, p99 {np.percentile(batched_lat, 99):.1f} ms")
     print(f"served without batching: {unbatched:.0f} sentences/s, p50 {np.percentile(unbatched_lat, 50):.1f} ms, "
           f"p99 {np.percentile(unbatched_lat, 99):.1f} ms")

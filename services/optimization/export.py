@@ -254,7 +254,7 @@ def decoder_step(session: ort.InferenceSession, input_ids: np.ndarray, past: dic
     batch, seq = input_ids.shape
     feed = {"input_ids": input_ids.astype(np.int64),
             "attention_mask": np.ones((batch, past_len + seq), dtype=np.int64),
-            "position_ids": np.tile(np.arange(0, seq, dtype=np.int64), (batch, 1)), **past}
+            "position_ids": np.tile(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, 1)), **past}
     names = [o.name for o in session.get_outputs()]
     outs = dict(zip(names, session.run(names, feed), strict=True))
     next_past = {name.replace("present.", "past_key_values."): value
