@@ -2,8 +2,7 @@
 sentence at a time, against the same model batched in-process at its best batch size.
 
 One inference server process serves the model twice: with dynamic batching (batches of up to
-BENCH_INFERENCE_BATCH, default 16, so that one batch computes while the other half of the clients'
-requests arrive), and with batching off.
+BENCH_INFERENCE_BATCH inputs, default 32, one per client), and with batching off.
 The clients are asyncio gRPC calls from this process (one sentence each, 8 to 24 words). The
 reference runs transformers in this process, tokenizing and pooling inside the timed loop, at batch
 sizes 1 to 64, and keeps its best. The device is chosen automatically (CUDA when present).
@@ -33,7 +32,7 @@ from shared.model_refs import BUILTIN_MODELS
 from tests.support.processes import Proc, free_port, spawn, wait_serving
 
 CLIENTS = 32
-BATCH = int(os.environ.get("BENCH_INFERENCE_BATCH", "16"))
+BATCH = int(os.environ.get("BENCH_INFERENCE_BATCH", "32"))
 REQUESTS = int(os.environ.get("BENCH_INFERENCE_REQUESTS", "1600"))
 MODEL = "all-MiniLM-L6-v2"
 WORDS = "the quick brown fox jumps over the lazy dog while serving language models at scale".split()
