@@ -20,6 +20,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer
 
+from services.optimization import prune  # noqa: F401 - registers the model types of head-pruned models
 from shared.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)

@@ -42,6 +42,10 @@ def home(tmp_path_factory):
             for item in source.iterdir():
                 if item.is_file():
                     shutil.copy(item, draft.path / item.name)
+    from services.optimization.export import export_encoder_onnx
+
+    with store.publish("models", "minilm-onnx") as draft:
+        export_encoder_onnx(source, draft.path)
     with store.publish("models", "topics") as draft:
         model = AutoModelForSequenceClassification.from_pretrained(
             str(source), num_labels=3, id2label={0: "email", 1: "http", 2: "json"},
@@ -259,3 +263,15 @@ def test_repository_extension_load_and_unload(kserve, stub):
     with pytest.raises(grpc.RpcError) as info:
         kserve.ModelInfer(text_request("minilm", ["x"]))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_onnx_runtime_backend_matches_the_reference(stub, reference):
+    status = stub.LoadModel(pb.LoadModelRequest(name="minilm-onnx", config=pb.ModelConfig(
+        backend=pb.BACKEND_ONNXRUNTIME, task=pb.MODEL_TASK_EMBEDDING))).status
+    assert status.state == pb.MODEL_STATE_READY and status.config.backend == pb.BACKEND_ONNXRUNTIME
+    got = np.array([e.values for e in stub.Embed(pb.EmbedRequest(model="minilm-onnx", texts=TEXTS)).embeddings])
+    assert np.abs(got - reference).max() < 1e-4
+    with pytest.raises(grpc.RpcError) as info:
+        stub.LoadModel(pb.LoadModelRequest(name="minilm", version="9", model_uri="artifact://models/minilm/1",
+                                           config=pb.ModelConfig(backend=pb.BACKEND_ONNXRUNTIME)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_of(info.value) == "config.backend"
