@@ -20,7 +20,7 @@ from shared.redis_server import DEFAULT_URL
 RUN_JOB = "fastserve.run_job"
 
 # Service modules whose `@job_handler`s the worker registers; each service issue adds its own.
-JOB_MODULES: list[str] = ["services.preprocessing.jobs", "services.training.jobs"]
+JOB_MODULES: list[str] = ["services.preprocessing.jobs", "services.training.jobs", "services.optimization.jobs"]
 
 
 def celery_settings(config: Config) -> dict[str, Any]:

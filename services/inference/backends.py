@@ -136,7 +136,8 @@ class EncoderBackend:
 class TorchBackend(EncoderBackend):
     platform = "pytorch"
 
-    def __init__(self, folder: Path, task: str, dtype: str = "") -> None:
+    def __init__(self, folder: Path, task: str, dtype: str = "", model: torch.nn.Module | None = None) -> None:
+        """`model`: an already built module to serve (a torchao-quantized one), instead of loading `folder`'s."""
         super().__init__(folder, task)
         from transformers import AutoModel, AutoModelForSequenceClassification
 
@@ -147,7 +148,11 @@ class TorchBackend(EncoderBackend):
         if torch_dtype is torch.float16 and self.device.type == "cpu":
             raise FailedPrecondition("fp16 needs a GPU; use fp32 or bf16 on CPU")
         auto = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModel
-        self.model = auto.from_pretrained(str(folder), dtype=torch_dtype).to(self.device).eval()
+        if model is None and (folder / "quantization.json").is_file():
+            from services.optimization.quantize import load_quantized_torch
+
+            model = load_quantized_torch(folder, auto)  # a torchao model from the optimization service
+        self.model = (model or auto.from_pretrained(str(folder), dtype=torch_dtype)).to(self.device).eval()
 
     @torch.inference_mode()
     def _forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -168,7 +173,9 @@ class OnnxBackend(EncoderBackend):
         if not path.is_file():
             raise InvalidArgument(f"{folder.name} has no model.onnx for the ONNX Runtime backend",
                                   field="config.backend")
-        wanted = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        # Ask for CUDA only where there is a GPU: onnxruntime-gpu lists its CUDA provider even without one.
+        wanted = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()
+                  and (p != "CUDAExecutionProvider" or torch.cuda.is_available())]
         self.session = ort.InferenceSession(str(path), providers=wanted)
         # What the session really got: a CUDA provider listed as available may still fail to initialise.
         self.providers = self.session.get_providers()

@@ -40,7 +40,7 @@ def _check_runs(runs: int, warmup: int) -> None:
         raise InvalidArgument(f"warmup must be a non-negative integer, not {warmup!r}", field="warmup")
 
 
-def _timings(call: Callable[[], Any], runs: int, warmup: int) -> dict[str, float]:
+def latency(call: Callable[[], Any], runs: int, warmup: int) -> dict[str, float]:
     """Warm-up calls (allocations, lazy kernel selection) are run but not timed."""
     _check_runs(runs, warmup)
     for _ in range(warmup):
@@ -67,12 +67,12 @@ def latency_torch(model: nn.Module, inputs: dict[str, torch.Tensor], runs: int, 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    return _timings(call, runs, warmup)
+    return latency(call, runs, warmup)
 
 
 def latency_onnx(session: Any, inputs: dict[str, np.ndarray], runs: int, warmup: int) -> dict[str, float]:
     """Milliseconds per `session.run` over all outputs (p50, p90, mean, min)."""
-    return _timings(lambda: session.run(None, inputs), runs, warmup)
+    return latency(lambda: session.run(None, inputs), runs, warmup)
 
 
 def _logits(model_or_callable: nn.Module | Callable, ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,137 @@
+"""The optimization service end to end: a real server, a real Celery worker, real models."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from fastserve.common.v1 import jobs_pb2
+from fastserve.optimization.v1 import optimization_pb2 as pb
+from fastserve.optimization.v1 import optimization_pb2_grpc
+from services.inference.backends import open_backend
+from shared.config import Config
+from shared.stores import Stores
+from tests.conftest import private_env
+from tests.support.processes import start_service, start_worker
+
+S = jobs_pb2.JobState
+MINILM = "builtin://all-MiniLM-L6-v2"
+EXPORT = pb.OptimizationStep(export=pb.ExportStep(format=pb.EXPORT_FORMAT_ONNX))
+ONNX_INT8 = pb.OptimizationStep(quantize=pb.QuantizeStep(method=pb.QUANTIZATION_METHOD_ONNX_INT8_DYNAMIC))
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory, redis_server):
+    home = tmp_path_factory.mktemp("opt")
+    env = private_env(home / "home", redis_server.url)
+    logs = home / "logs"
+    logs.mkdir()
+    service = start_service("optimization", env, logs)
+    worker = start_worker(env, logs)
+    channel = grpc.insecure_channel(service.target)
+    yield optimization_pb2_grpc.OptimizationServiceStub(channel), Stores.from_config(Config.from_env(env))
+    channel.close()
+    worker.stop()
+    service.stop()
+
+
+def run(stub, **request):
+    job = stub.SubmitOptimizationJob(pb.SubmitOptimizationJobRequest(**request)).job
+    for _ in stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), timeout=600):
+        pass
+    return stub.GetJob(pb.GetJobRequest(job_id=job.job_id)).job
+
+
+def test_minilm_to_onnx_int8_with_a_report_and_it_serves(svc):
+    stub, stores = svc
+    job = run(stub, model_uri=MINILM, steps=[EXPORT, ONNX_INT8], target=pb.TARGET_CPU, output_name="minilm-int8",
+              quality_budget=pb.QualityBudget(max_relative_degradation=0.01))
+    assert job.state == S.JOB_STATE_SUCCEEDED, job.error
+    report = stub.GetReport(pb.GetReportRequest(job_id=job.job_id)).report
+    assert report.before.backend == "pytorch" and report.after.backend == "onnxruntime"
+    assert report.before.size_bytes / report.after.size_bytes > 3.0
+    assert report.after.quality >= 0.99 and report.after.quality_metric == "min_cosine_to_source"
+    assert report.after.latency_ms_batch1 > 0 and report.after.throughput_batched > 0
+    assert report.within_budget and report.promoted and report.result.uri == "artifact://models/minilm-int8/1"
+    backend = open_backend(stores.artifacts.resolve(report.result.uri).path, "onnxruntime", "embedding", "")
+    assert backend.providers == ["CPUExecutionProvider"]
+    embeddings = backend.run(backend.encoder.encode(["a served sentence"], truncate=True).ids)
+    assert embeddings.shape == (1, 384)
+
+
+def test_quality_budget_keeps_a_bad_result_unless_forced(svc):
+    stub, stores = svc
+    heads = pb.OptimizationStep(prune=pb.PruneStep(method=pb.PRUNING_METHOD_STRUCTURED_HEADS, sparsity=0.5))
+    job = run(stub, model_uri=MINILM, steps=[heads], output_name="minilm-halved",
+              quality_budget=pb.QualityBudget(max_relative_degradation=0.001))
+    assert job.state == S.JOB_STATE_SUCCEEDED, job.error
+    report = stub.GetReport(pb.GetReportRequest(job_id=job.job_id)).report
+    assert report.after.parameters < report.before.parameters
+    assert not report.within_budget and not report.promoted and not report.result.uri
+    assert stores.artifacts.versions("models", "minilm-halved") == []
+    forced = run(stub, model_uri=MINILM, steps=[heads], output_name="minilm-halved", force_promote=True,
+                 quality_budget=pb.QualityBudget(max_relative_degradation=0.001))
+    assert stub.GetReport(pb.GetReportRequest(job_id=forced.job_id)).report.promoted
+    assert stores.artifacts.versions("models", "minilm-halved") == [1]
+
+
+def test_torchao_int8_model_loads_in_the_inference_backend(svc):
+    stub, stores = svc
+    int8 = pb.OptimizationStep(quantize=pb.QuantizeStep(method=pb.QUANTIZATION_METHOD_INT8_DYNAMIC))
+    job = run(stub, model_uri=MINILM, steps=[int8], output_name="minilm-torchao")
+    assert job.state == S.JOB_STATE_SUCCEEDED, job.error
+    report = stub.GetReport(pb.GetReportRequest(job_id=job.job_id)).report
+    assert report.after.backend == "pytorch" and report.after.quality > 0.95
+    folder = stores.artifacts.resolve(report.result.uri).path
+    backend = open_backend(folder, "pytorch", "embedding", "")
+    assert backend.run(backend.encoder.encode(["hello"], truncate=True).ids).shape == (1, 384)
+
+
+def test_cancelled_job_registers_nothing(svc):
+    stub, stores = svc
+    job = stub.SubmitOptimizationJob(pb.SubmitOptimizationJobRequest(
+        model_uri=MINILM, steps=[EXPORT, ONNX_INT8], output_name="never")).job
+    time.sleep(0.5)
+    stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id))
+    for _ in stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), timeout=300):
+        pass
+    assert stub.GetJob(pb.GetJobRequest(job_id=job.job_id)).job.state == S.JOB_STATE_CANCELLED
+    assert stores.artifacts.versions("models", "never") == []
+
+
+def _field(error) -> str:
+    bad = error_details_pb2.BadRequest()
+    assert any(d.Unpack(bad) for d in rpc_status.from_call(error).details)
+    return bad.field_violations[0].field
+
+
+@pytest.mark.parametrize("steps, target, field", [
+    ([pb.OptimizationStep(prune=pb.PruneStep(method=pb.PRUNING_METHOD_MAGNITUDE_UNSTRUCTURED, sparsity=1.5))],
+     pb.TARGET_CPU, "steps[0].prune.sparsity"),
+    ([ONNX_INT8], pb.TARGET_CPU, "steps[0].quantize.method"),
+    ([pb.OptimizationStep(quantize=pb.QuantizeStep(method=pb.QUANTIZATION_METHOD_INT4_WEIGHT_ONLY))], pb.TARGET_CPU,
+     "steps[0].quantize.method"),
+    ([EXPORT, pb.OptimizationStep(prune=pb.PruneStep(method=pb.PRUNING_METHOD_STRUCTURED_CHANNELS, sparsity=0.5))],
+     pb.TARGET_CPU, "steps[1]"),
+    ([], pb.TARGET_CPU, "steps"),
+])
+def test_bad_requests(svc, steps, target, field):
+    stub, stores = svc
+    before = stores.jobs.list("optimization").total_size
+    with pytest.raises(grpc.RpcError) as info:
+        stub.SubmitOptimizationJob(pb.SubmitOptimizationJobRequest(model_uri=MINILM, steps=steps, target=target,
+                                                                   output_name="x"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and _field(info.value) == field
+    assert stores.jobs.list("optimization").total_size == before
+
+
+def test_unknown_model_is_not_found(svc):
+    stub, _ = svc
+    with pytest.raises(grpc.RpcError) as info:
+        stub.SubmitOptimizationJob(pb.SubmitOptimizationJobRequest(model_uri="artifact://models/nope/1",
+                                                                   steps=[EXPORT], output_name="x"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
