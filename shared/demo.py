@@ -1,7 +1,8 @@
 """`make demo`: bring the stack up, call every service over gRPC, bring it down.
 
 The end-to-end issue grows this into the whole pipeline; for now it shows the running system: every
-service's health, the services reflection lists, and a job listing from each service that runs jobs.
+service's health, the services reflection lists, a job listing from each service that runs jobs, and
+an embedding from the model the inference service serves by default.
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ def run_demo(config: Config) -> int:
                     stub = getattr(grpc_mod, f"{service.capitalize()}ServiceStub")(channel)
                     jobs = stub.ListJobs(pb2.ListJobsRequest(), timeout=10)
                     line += f"  jobs {jobs.page.total_size}"
+                if service == "inference":
+                    from fastserve.inference.v1 import inference_pb2, inference_pb2_grpc
+
+                    reply = inference_pb2_grpc.InferenceServiceStub(channel).Embed(inference_pb2.EmbedRequest(
+                        model="all-MiniLM-L6-v2", texts=["FastServe takes a model from raw text to an endpoint."]),
+                        timeout=60)
+                    line += f"  embedding dim {reply.dimension}"
                 print(line)
     finally:
         print("== bringing the stack down")
