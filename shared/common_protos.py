@@ -52,6 +52,12 @@ def timestamp(seconds: float) -> timestamp_pb2.Timestamp | None:
     return ts
 
 
+def enum_name(enum_type, value: int, prefix: str) -> str:
+    """`TOKENIZER_MODEL_BPE` -> `bpe`: a request's enum as the core's lower-case word (`unspecified` for 0,
+    which each core either defaults or refuses, naming the field)."""
+    return enum_type.Name(value).removeprefix(prefix).lower()
+
+
 def struct_to_dict(message: struct_pb2.Struct) -> dict[str, Any]:
     return json_format.MessageToDict(message)
 

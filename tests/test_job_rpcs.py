@@ -16,7 +16,7 @@ from shared.config import Config
 from shared.job_queue import submit
 from shared.stores import Stores
 from tests.conftest import private_env
-from tests.support.processes import start_service, start_worker
+from tests.support.processes import service_with_worker
 
 S = jobs_pb2.JobState
 
@@ -27,13 +27,8 @@ def stack(tmp_path_factory, redis_server):
     env = private_env(home / "home", redis_server.url)
     logs = home / "logs"
     logs.mkdir()
-    service = start_service("training", env, logs)
-    worker = start_worker(env, logs)
-    channel = grpc.insecure_channel(service.target)
-    yield training_pb2_grpc.TrainingServiceStub(channel), Stores.from_config(Config.from_env(env)), worker
-    channel.close()
-    worker.stop()
-    service.stop()
+    with service_with_worker("training", env, logs) as (_, channel):
+        yield training_pb2_grpc.TrainingServiceStub(channel), Stores.from_config(Config.from_env(env))
 
 
 def _watch(stub, job_id, after=""):
@@ -41,7 +36,7 @@ def _watch(stub, job_id, after=""):
 
 
 def test_job_runs_on_worker_and_streams_events(stack):
-    stub, stores, _ = stack
+    stub, stores = stack
     job = submit(stores, "training", "test.count", {"steps": 10, "delay": 0.02})
     events = _watch(stub, job.job_id)
     states = [e.state for e in events if e.type == jobs_pb2.JOB_EVENT_TYPE_STATE]
@@ -57,7 +52,7 @@ def test_job_runs_on_worker_and_streams_events(stack):
 
 
 def test_cancel_running_job_is_cooperative(stack):
-    stub, stores, _ = stack
+    stub, stores = stack
     job = submit(stores, "training", "test.count", {"steps": 500, "delay": 0.02})
     stream = stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), timeout=60)
     for response in stream:
@@ -75,7 +70,7 @@ def test_cancel_running_job_is_cooperative(stack):
 
 
 def test_failures_are_recorded(stack):
-    stub, stores, _ = stack
+    stub, stores = stack
     failing = submit(stores, "training", "test.fail", {})
     unknown = submit(stores, "training", "test.no_such_type", {})
     assert _watch(stub, failing.job_id)[-1].state == S.JOB_STATE_FAILED
@@ -85,7 +80,7 @@ def test_failures_are_recorded(stack):
 
 
 def test_jobs_queue_behind_a_busy_worker(stack):
-    stub, stores, _ = stack
+    stub, stores = stack
     first = submit(stores, "training", "test.count", {"steps": 10, "delay": 0.05})
     second = submit(stores, "training", "test.count", {"steps": 2, "delay": 0.01})
     time.sleep(0.2)
@@ -97,7 +92,7 @@ def test_jobs_queue_behind_a_busy_worker(stack):
 
 
 def test_list_jobs_with_filter(stack):
-    stub, stores, _ = stack
+    stub, stores = stack
     job = submit(stores, "training", "test.count", {"steps": 1, "delay": 0})
     _watch(stub, job.job_id)
     listed = stub.ListJobs(pb.ListJobsRequest(filter=jobs_pb2.JobFilter(
@@ -107,7 +102,7 @@ def test_list_jobs_with_filter(stack):
 
 
 def test_bad_job_requests(stack):
-    stub, stores, _ = stack
+    stub, stores = stack
     with pytest.raises(grpc.RpcError) as info:
         stub.GetJob(pb.GetJobRequest())
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

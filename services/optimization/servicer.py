@@ -10,29 +10,25 @@ import grpc
 from fastserve.optimization.v1 import optimization_pb2 as pb
 from fastserve.optimization.v1 import optimization_pb2_grpc
 from services.optimization.core import SERVICE, Optimization
-from shared.common_protos import artifact_ref, job_to_proto
+from shared.common_protos import artifact_ref, enum_name, job_to_proto
 from shared.errors import InvalidArgument
 from shared.job_rpcs import JobRpcs
 from shared.stores import Stores
 
 
-def _name(enum, value: int, prefix: str) -> str:
-    return enum.Name(value).removeprefix(prefix).lower()
-
-
 def step_params(step: pb.OptimizationStep, index: int) -> dict[str, Any]:
     kind = step.WhichOneof("step")
     if kind == "prune":
-        return {"type": "prune", "method": _name(pb.PruningMethod, step.prune.method, "PRUNING_METHOD_"),
+        return {"type": "prune", "method": enum_name(pb.PruningMethod, step.prune.method, "PRUNING_METHOD_"),
                 "sparsity": step.prune.sparsity}
     if kind == "export":
         if step.export.format not in (pb.EXPORT_FORMAT_UNSPECIFIED, pb.EXPORT_FORMAT_ONNX):
             raise InvalidArgument("only ONNX export is supported", field=f"steps[{index}].export.format")
-        precision = _name(pb.Precision, step.export.precision, "PRECISION_")
+        precision = enum_name(pb.Precision, step.export.precision, "PRECISION_")
         return {"type": "export", "opset": step.export.opset, "optimize_graph": step.export.optimize_graph,
                 "precision": "fp32" if precision == "unspecified" else precision}
     if kind == "quantize":
-        return {"type": "quantize", "method": _name(pb.QuantizationMethod, step.quantize.method,
+        return {"type": "quantize", "method": enum_name(pb.QuantizationMethod, step.quantize.method,
                                                      "QUANTIZATION_METHOD_"),
                 "calibration_dataset_uri": step.quantize.calibration_dataset_uri}
     return {"type": "", "index": index}
@@ -54,7 +50,7 @@ class OptimizationServicer(JobRpcs, optimization_pb2_grpc.OptimizationServiceSer
         self.core = Optimization(stores)
 
     def SubmitOptimizationJob(self, request: pb.SubmitOptimizationJobRequest, context):
-        target = _name(pb.Target, request.target, "TARGET_")
+        target = enum_name(pb.Target, request.target, "TARGET_")
         job = self.core.submit({
             "model_uri": request.model_uri, "steps": [step_params(s, i) for i, s in enumerate(request.steps)],
             "target": "cpu" if target == "unspecified" else target, "eval_dataset_uri": request.eval_dataset_uri,

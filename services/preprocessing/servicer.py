@@ -11,18 +11,13 @@ from fastserve.preprocessing.v1 import preprocessing_pb2 as pb
 from fastserve.preprocessing.v1 import preprocessing_pb2_grpc
 from services.preprocessing.core import SERVICE, Preprocessing
 from services.preprocessing.corpus import UploadHeader
-from shared.common_protos import artifact_ref, job_to_proto, struct_to_dict
+from shared.common_protos import artifact_ref, enum_name, job_to_proto, struct_to_dict
 from shared.errors import InvalidArgument
 from shared.job_rpcs import JobRpcs
 from shared.stores import Stores
 
 DEFAULT_MAX_LENGTH = 512
 DEFAULT_SPLITS = {"validation_fraction": 0.05, "test_fraction": 0.0, "seed": 0}
-
-
-def _enum(value_name: str, prefix: str) -> str:
-    """`TOKENIZER_MODEL_BPE` -> `bpe`; UNSPECIFIED becomes `unspecified`, which the core refuses."""
-    return value_name.removeprefix(prefix).lower()
 
 
 def source_params(source: pb.CorpusSource) -> dict[str, Any]:
@@ -53,7 +48,7 @@ class PreprocessingServicer(JobRpcs, preprocessing_pb2_grpc.PreprocessingService
         if first is None or first.WhichOneof("payload") != "header":
             raise InvalidArgument("the first message of the stream must carry the header", field="header")
         h = first.header
-        header = UploadHeader(name=h.name, format=_enum(pb.TextFormat.Name(h.format), "TEXT_FORMAT_"),
+        header = UploadHeader(name=h.name, format=enum_name(pb.TextFormat, h.format, "TEXT_FORMAT_"),
                               text_field=h.text_field or "text", label_field=h.label_field,
                               target_field=h.target_field)
 
@@ -79,7 +74,7 @@ class PreprocessingServicer(JobRpcs, preprocessing_pb2_grpc.PreprocessingService
     def TrainTokenizer(self, request: pb.TrainTokenizerRequest, context):
         job = self.core.submit_train_tokenizer({
             "source": source_params(request.source),
-            "model": _enum(pb.TokenizerModel.Name(request.model), "TOKENIZER_MODEL_"),
+            "model": enum_name(pb.TokenizerModel, request.model, "TOKENIZER_MODEL_"),
             "vocab_size": request.vocab_size, "special_tokens": list(request.special_tokens),
             "lowercase": request.lowercase, "min_frequency": request.min_frequency,
             "output_name": request.output_name})
@@ -95,7 +90,7 @@ class PreprocessingServicer(JobRpcs, preprocessing_pb2_grpc.PreprocessingService
             "test_fraction": request.splits.test_fraction, "seed": request.splits.seed}
         job = self.core.submit_build_dataset({
             "source": source_params(request.source), "tokenizer_uri": request.tokenizer_uri,
-            "task": _enum(pb.DatasetTask.Name(request.task), "DATASET_TASK_"),
+            "task": enum_name(pb.DatasetTask, request.task, "DATASET_TASK_"),
             "max_length": request.max_length or DEFAULT_MAX_LENGTH, "max_target_length": request.max_target_length,
             "splits": splits, "text_field": request.text_field, "label_field": request.label_field,
             "target_field": request.target_field, "output_name": request.output_name})

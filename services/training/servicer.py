@@ -10,15 +10,15 @@ import grpc
 from fastserve.training.v1 import training_pb2 as pb
 from fastserve.training.v1 import training_pb2_grpc
 from services.training.core import SERVICE, Training
-from shared.common_protos import job_to_proto
+from shared.common_protos import enum_name, job_to_proto
 from shared.job_rpcs import JobRpcs
 from shared.stores import Stores
 
 
-def _enum(name: str, prefix: str) -> str:
-    """`LR_SCHEDULE_COSINE` -> `cosine`; UNSPECIFIED -> "" so the core applies its default or refuses."""
-    value = name.removeprefix(prefix).lower()
-    return "" if value == "unspecified" else value
+def _enum(enum_type, value: int, prefix: str) -> str:
+    """The enum's word, or "" when unspecified, so the core applies its default or refuses."""
+    name = enum_name(enum_type, value, prefix)
+    return "" if name == "unspecified" else name
 
 
 def request_params(request: pb.SubmitTrainingJobRequest) -> dict[str, Any]:
@@ -27,7 +27,7 @@ def request_params(request: pb.SubmitTrainingJobRequest) -> dict[str, Any]:
     if request.model.WhichOneof("source") == "architecture":
         a = request.model.architecture
         model["architecture"] = {
-            "family": _enum(pb.ArchitectureFamily.Name(a.family), "ARCHITECTURE_FAMILY_") or "unspecified",
+            "family": enum_name(pb.ArchitectureFamily, a.family, "ARCHITECTURE_FAMILY_"),
             "num_layers": a.num_layers, "hidden_size": a.hidden_size, "num_heads": a.num_heads,
             "intermediate_size": a.intermediate_size, "max_position_embeddings": a.max_position_embeddings,
             "vocab_size": a.vocab_size, "dropout": a.dropout if a.HasField("dropout") else None}
@@ -36,9 +36,9 @@ def request_params(request: pb.SubmitTrainingJobRequest) -> dict[str, Any]:
     h = request.hyperparameters
     hyper = {field.name: getattr(h, field.name) for field in h.DESCRIPTOR.fields
              if field.name not in ("lr_schedule", "precision")}
-    hyper["lr_schedule"] = _enum(pb.LrSchedule.Name(h.lr_schedule), "LR_SCHEDULE_")
-    hyper["precision"] = _enum(pb.Precision.Name(h.precision), "PRECISION_")
-    task = _enum(pb.TrainingTask.Name(request.task), "TRAINING_TASK_") or "unspecified"
+    hyper["lr_schedule"] = _enum(pb.LrSchedule, h.lr_schedule, "LR_SCHEDULE_")
+    hyper["precision"] = _enum(pb.Precision, h.precision, "PRECISION_")
+    task = enum_name(pb.TrainingTask, request.task, "TRAINING_TASK_")
     return {"model": model, "task": task, "dataset_uri": request.dataset_uri, "tokenizer_uri": request.tokenizer_uri,
             "hyperparameters": hyper, "output_name": request.output_name, "num_processes": request.num_processes}
 

@@ -16,7 +16,7 @@ from services.inference.backends import open_backend
 from shared.config import Config
 from shared.stores import Stores
 from tests.conftest import private_env
-from tests.support.processes import start_service, start_worker
+from tests.support.processes import service_with_worker
 
 S = jobs_pb2.JobState
 MINILM = "builtin://all-MiniLM-L6-v2"
@@ -30,13 +30,8 @@ def svc(tmp_path_factory, redis_server):
     env = private_env(home / "home", redis_server.url)
     logs = home / "logs"
     logs.mkdir()
-    service = start_service("optimization", env, logs)
-    worker = start_worker(env, logs)
-    channel = grpc.insecure_channel(service.target)
-    yield optimization_pb2_grpc.OptimizationServiceStub(channel), Stores.from_config(Config.from_env(env))
-    channel.close()
-    worker.stop()
-    service.stop()
+    with service_with_worker("optimization", env, logs) as (_, channel):
+        yield optimization_pb2_grpc.OptimizationServiceStub(channel), Stores.from_config(Config.from_env(env))
 
 
 def run(stub, **request):

@@ -20,7 +20,7 @@ from shared.config import Config
 from shared.datasets import DatasetReader
 from shared.stores import Stores
 from tests.conftest import private_env
-from tests.support.processes import start_service, start_worker
+from tests.support.processes import service_with_worker
 
 S = jobs_pb2.JobState
 CHUNK = 256 * 1024
@@ -33,13 +33,8 @@ def svc(tmp_path_factory, redis_server):
     env = {**private_env(home / "home", redis_server.url), "FASTSERVE_MAX_MESSAGE_MB": "1"}
     logs = home / "logs"
     logs.mkdir()
-    service = start_service("preprocessing", env, logs)
-    worker = start_worker(env, logs)
-    channel = grpc.insecure_channel(service.target)
-    yield preprocessing_pb2_grpc.PreprocessingServiceStub(channel), Stores.from_config(Config.from_env(env))
-    channel.close()
-    worker.stop()
-    service.stop()
+    with service_with_worker("preprocessing", env, logs) as (_, channel):
+        yield preprocessing_pb2_grpc.PreprocessingServiceStub(channel), Stores.from_config(Config.from_env(env))
 
 
 def _upload(stub, name, data: bytes, fmt=pb.TEXT_FORMAT_JSONL, **fields):

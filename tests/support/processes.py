@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,3 +109,18 @@ def start_worker(env: dict[str, str], log_dir: Path, include: str = "tests.suppo
     finally:
         app.close()
     return proc
+
+
+@contextmanager
+def service_with_worker(service: str, env: dict[str, str], log_dir: Path) -> Iterator[tuple[Proc, grpc.Channel]]:
+    """A service process and a Celery worker on the same Redis; yields the service and a channel to it."""
+    proc = start_service(service, env, log_dir)
+    worker = None
+    try:
+        worker = start_worker(env, log_dir)
+        with grpc.insecure_channel(proc.target) as channel:
+            yield proc, channel
+    finally:
+        if worker:
+            worker.stop()
+        proc.stop()
