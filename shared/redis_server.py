@@ -8,7 +8,6 @@ under `FASTSERVE_HOME/redis`. Tests use `RedisServer` to run their own on a free
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import time
@@ -97,10 +96,3 @@ def resolve_redis_url(configured: str, home: Path, embedded_port: int,
     log.info("no Redis configured or answering at %s; starting an embedded one", default_url)
     return embedded.start(detach=True).url, embedded
 
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False

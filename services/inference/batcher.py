@@ -66,7 +66,6 @@ class DynamicBatcher:
         self.cond = threading.Condition()
         self.counter = itertools.count()
         self.accepting = True
-        self.busy = 0
         self.workers = [threading.Thread(target=self._loop, daemon=True, name=f"batcher-{name}-{i}")
                         for i in range(max(settings.instances, 1))]
         for worker in self.workers:
@@ -117,7 +116,6 @@ class DynamicBatcher:
                     break
             taken = {id(w) for w in batch}
             self.queue = [w for w in self.queue if id(w) not in taken]
-            self.busy += 1
             return batch
 
     def _loop(self) -> None:
@@ -126,10 +124,6 @@ class DynamicBatcher:
                 self._execute(batch)
             except Exception:  # noqa: BLE001 - the worker must outlive any one batch
                 log.exception("batch bookkeeping failed in %s", self.name)
-            finally:
-                with self.cond:
-                    self.busy -= 1
-                    self.cond.notify_all()
 
     def _execute(self, batch: list[Work]) -> None:
         now = time.monotonic()

@@ -12,11 +12,12 @@ import struct
 
 import numpy as np
 
+from fastserve.inference.v1 import inference_pb2 as pb
 from inference import grpc_service_pb2 as kpb
 from inference import grpc_service_pb2_grpc
 from services.inference.core import Inference
 from services.inference.servicer import deadline_of, settings_from_proto
-from shared.errors import InvalidArgument, NotFound
+from shared.errors import FastServeError, InvalidArgument
 from shared.model_refs import BUILTIN_MODELS
 
 SERVER_NAME = "fastserve"
@@ -90,7 +91,7 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             self.repository.get(request.name, request.version)
             return kpb.ModelReadyResponse(ready=True)
-        except (NotFound, Exception):  # noqa: BLE001 - not ready, whatever the reason
+        except FastServeError:  # unknown, loading, unloading or failed: not ready
             return kpb.ModelReadyResponse(ready=False)
 
     def ServerMetadata(self, request, context):
@@ -167,8 +168,6 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
 def _config(parameters):
     """The FastServe model config that repository parameters `backend` and `task` ask for."""
-    from fastserve.inference.v1 import inference_pb2 as pb
-
     backend = str(_param(parameters, "backend", "pytorch")).upper()
     task = str(_param(parameters, "task", "")).upper()
     return pb.ModelConfig(backend=pb.BACKEND_ONNXRUNTIME if backend == "ONNXRUNTIME" else pb.BACKEND_PYTORCH,

@@ -22,7 +22,7 @@ from services.inference.backends import EncoderBackend, infer_task, open_backend
 from services.inference.batcher import BatchingSettings, DynamicBatcher, Work
 from shared.artifacts import ArtifactStore
 from shared.errors import InvalidArgument, NotFound, Unavailable
-from shared.model_refs import BUILTIN, resolve_dir
+from shared.model_refs import BUILTIN, BUILTIN_MODELS, resolve_dir
 
 log = logging.getLogger(__name__)
 
@@ -114,18 +114,12 @@ class ModelRepository:
     def resolve_uri(self, name: str, uri: str) -> tuple[Path, str, str]:
         """The folder to load, the URI it came from and the version it is."""
         if not uri:
-            uri = f"{BUILTIN}{name}" if name and self._is_builtin(name) else f"artifact://models/{name}/latest"
+            uri = f"{BUILTIN}{name}" if name in BUILTIN_MODELS else f"artifact://models/{name}/latest"
         folder = resolve_dir(self.artifacts, uri, "model_uri", ("models",))
         if uri.startswith(BUILTIN):
             return folder, uri, "1"
         artifact = self.artifacts.resolve(uri, "model_uri")
         return folder, artifact.ref.uri, str(artifact.ref.version)
-
-    @staticmethod
-    def _is_builtin(name: str) -> bool:
-        from shared.model_refs import BUILTIN_MODELS
-
-        return name in BUILTIN_MODELS
 
     def load(self, name: str, uri: str = "", version: str = "", settings: ModelSettings | None = None) -> LoadedModel:
         """Load, warm and start serving a model version; older versions of the name then drain."""
@@ -211,12 +205,6 @@ class ModelRepository:
         with self.lock:
             return sorted((m for versions in self.models.values() for m in versions.values()),
                           key=lambda m: (m.name, _version_key(m.version)))
-
-    def shutdown(self) -> None:
-        for model in self.all():
-            if model.batcher:
-                model.batcher.drain(timeout=5)
-
 
 def _runner(backend: EncoderBackend):
     """Run the rows of several requests as one batch and hand each request its own slice back."""

@@ -110,7 +110,7 @@ def test_small_gpt_learns_the_stdlib_corpus(stub, worker, stores, datasets):
     assert all(m["tokens_per_second"] > 0 and "eta_seconds" in m and "learning_rate" in m for m in train)
     evals = [m for m in metrics(events) if "eval_loss" in m]
     assert len(evals) == 3 and evals[-1]["eval_perplexity"] < evals[0]["eval_perplexity"]
-    assert any(e.type == jobs_pb2.JOB_EVENT_TYPE_ARTIFACT for e in events) is False  # no checkpoint under 500 steps
+    assert not any(e.type == jobs_pb2.JOB_EVENT_TYPE_ARTIFACT for e in events)  # no checkpoint under 500 steps
     model_dir = stores.artifacts.resolve(done.result["model_uri"]).path
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
