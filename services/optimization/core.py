@@ -25,6 +25,7 @@ import torch
 
 from services.optimization import export, measure, prune, quantize
 from shared import job_queue
+from shared.artifacts import check_name
 from shared.datasets import DatasetReader
 from shared.errors import FailedPrecondition, InvalidArgument
 from shared.jobs import Job
@@ -38,6 +39,7 @@ QUANT_METHODS = ("int8_dynamic", "int8_weight_only", "int4_weight_only", "onnx_i
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
               "sentence_bert_config.json", "generation_config.json")
 BATCHED = 32
+PARITY_TEXTS = ["FastServe exports models to ONNX.", "A second, somewhat longer sentence checks padding too."]
 
 
 def model_kind(folder: Path) -> str:
@@ -48,7 +50,7 @@ def model_kind(folder: Path) -> str:
     return "classifier" if "SequenceClassification" in names else "encoder"
 
 
-def check_steps(steps: list[dict[str, Any]], kind: str, target: str) -> None:
+def check_steps(steps: list[dict[str, Any]], target: str) -> None:
     """Refuse a pipeline that cannot run, naming the step field; ONNX steps follow an export."""
     if not steps:
         raise InvalidArgument("at least one step is required", field="steps")
@@ -90,6 +92,7 @@ class Stage:
     folder: Path
     onnx: bool
     quantized_torch: bool = False
+    parity: float | None = None  # after an export: max |PyTorch - ONNX Runtime| on sample inputs
 
 
 def _copy_side_files(source: Path, target: Path) -> None:
@@ -103,14 +106,12 @@ class Optimization:
         self.stores = stores
 
     def prepare(self, params: dict[str, Any]) -> tuple[Path, str]:
-        from shared.artifacts import check_name
-
         check_name(params.get("output_name", ""), "output_name")
         source = resolve_dir(self.stores.artifacts, params.get("model_uri", ""), "model_uri", ("models",))
         kind = model_kind(source)
         if (source / "model.onnx").is_file():
             raise InvalidArgument("the source must be a PyTorch model", field="model_uri")
-        check_steps(params.get("steps", []), kind, params.get("target", "cpu"))
+        check_steps(params.get("steps", []), params.get("target", "cpu"))
         budget = params.get("max_relative_degradation", 0.0)
         if budget < 0:
             raise InvalidArgument("max_relative_degradation must be >= 0",
@@ -130,10 +131,11 @@ class Optimization:
         steps = params["steps"]
         work = Path(tempfile.mkdtemp(prefix="optimize-", dir=self.stores.artifacts.root / ".staging"))
         try:
-            stage = Stage(source, onnx=False)
+            stage, parity = Stage(source, onnx=False), None
             for i, step in enumerate(steps):
                 progress(i / (len(steps) + 2), f"step {i + 1}/{len(steps)}: {step['type']}")
                 stage = self._apply(step, stage, kind, work / f"step{i}", params.get("target", "cpu"))
+                parity = stage.parity if stage.parity is not None else parity
             progress(len(steps) / (len(steps) + 2), "measuring")
             evaluation = self._evaluation(params, kind)
             before = self._measure(Stage(source, onnx=False), kind, evaluation, reference=None)
@@ -145,7 +147,7 @@ class Optimization:
             progress((len(steps) + 1) / (len(steps) + 2), "publishing")
             report = {"job_id": job_id, "source_model_uri": params["model_uri"], "steps": steps, "before": before,
                       "after": after, "relative_degradation": degradation, "within_budget": within,
-                      "promoted": promoted, "result_uri": ""}
+                      "promoted": promoted, "result_uri": "", "export_parity_max_abs_diff": parity}
             if promoted:
                 with self.stores.artifacts.publish("models", params["output_name"]) as draft:
                     for item in stage.folder.iterdir():
@@ -187,7 +189,7 @@ class Optimization:
                 export.optimize_onnx_graph(path, path)
             if step.get("precision") == "fp16":
                 export.convert_onnx_fp16(path, path)
-            return Stage(out, onnx=True)
+            return Stage(out, onnx=True, parity=export.parity(stage.folder, path, kind, PARITY_TEXTS))
         if step["method"] == "onnx_int8_dynamic":
             for item in stage.folder.iterdir():
                 if item.is_file() and item.suffix != ".onnx":

@@ -52,6 +52,7 @@ def test_minilm_to_onnx_int8_with_a_report_and_it_serves(svc):
     assert report.after.quality >= 0.99 and report.after.quality_metric == "min_cosine_to_source"
     assert report.after.latency_ms_batch1 > 0 and report.after.throughput_batched > 0
     assert report.within_budget and report.promoted and report.result.uri == "artifact://models/minilm-int8/1"
+    assert 0 <= job.result["export_parity_max_abs_diff"] < 1e-3  # checked right after the (fp32) export
     backend = open_backend(stores.artifacts.resolve(report.result.uri).path, "onnxruntime", "embedding", "")
     assert backend.providers == ["CPUExecutionProvider"]
     embeddings = backend.run(backend.encoder.encode(["a served sentence"], truncate=True).ids)
