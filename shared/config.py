@@ -67,7 +67,8 @@ class Config:
         "FASTSERVE_GRACE_SECONDS", 10.0,
         "On SIGTERM/SIGINT, how long in-flight calls may run before the server cancels them.")
     grpc_threads: int = _setting(
-        "FASTSERVE_GRPC_THREADS", 32, "Worker threads of each gRPC server (concurrent calls, streams included).")
+        "FASTSERVE_GRPC_THREADS", 256,
+        "Worker threads of each gRPC server: the calls it runs at once, streams and generations included.")
     auth_token: str = _setting(
         "FASTSERVE_AUTH_TOKEN", "",
         "When set, every call but health checks needs `authorization: Bearer <token>` metadata.")

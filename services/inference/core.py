@@ -2,18 +2,21 @@
 
 A request is tokenized on its own thread (bad input fails before it queues), queued on its model's
 batcher, and awaited until its deadline; a caller that cancels or times out drops its queued work.
+A generation request goes to its model's engine instead and is answered whole or as a stream.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
+from services.inference.engine import Sequence
+from services.inference.generator import Chunk, GenerationRequest
 from services.inference.repository import LoadedModel, ModelRepository, ModelSettings
 from shared.config import Config
 from shared.errors import Cancelled, DeadlineExceeded, InvalidArgument, Unavailable
@@ -74,4 +77,51 @@ class Inference:
         except CancelledError:
             raise Cancelled("the request was cancelled") from None
         finally:
+            model.count(failed)
+
+    def start_generation(self, name: str, version: str, request: GenerationRequest,
+                         bind: Callable[[Sequence], None] = lambda seq: None) -> tuple[LoadedModel, Sequence]:
+        """Check and queue a generation; `bind` gets the sequence (to cancel it when the caller leaves)."""
+        model = self._generative(name, version)
+        try:
+            try:
+                seq = model.backend.submit(request)
+            except Unavailable:
+                if version:
+                    raise
+                model = self._generative(name, version)  # that version retired meanwhile: the newer one takes it
+                seq = model.backend.submit(request)
+        except Exception:
+            model.count(failed=True)
+            raise
+        bind(seq)
+        return model, seq
+
+    def _generative(self, name: str, version: str) -> LoadedModel:
+        model = self.repository.get(name, version)
+        if model.task != "generation":
+            raise InvalidArgument(f"model {name} serves {model.task}, not generation", field="model")
+        return model
+
+    def generate(self, name: str, version: str, request: GenerationRequest,
+                 bind: Callable[[Sequence], None] = lambda seq: None):
+        """(model, text, token ids, finish reason, usage) of a whole completion."""
+        model, seq = self.start_generation(name, version, request, bind)
+        failed = True
+        try:
+            result = model.backend.complete(seq, request.deadline)
+            failed = False
+            return (model, *result)
+        finally:
+            model.count(failed)
+
+    def stream(self, name: str, version: str, request: GenerationRequest,
+               bind: Callable[[Sequence], None] = lambda seq: None) -> Iterator[Chunk]:
+        model, seq = self.start_generation(name, version, request, bind)
+        failed = True
+        try:
+            yield from model.backend.stream(seq, request.deadline)
+            failed = False
+        finally:
+            seq.cancel()  # a consumer that stops early frees the slot
             model.count(failed)

@@ -1,14 +1,19 @@
 """The KServe v2 / Open Inference Protocol servicer (package `inference`), over the same core.
 
 An embedding model takes input `text` (BYTES, shape [N]) and returns `embedding` (FP32, [N, dim]); a
-classifier returns `label` (BYTES, [N]) and `scores` (FP32, [N, labels]). Inputs come as raw contents
+classifier returns `label` (BYTES, [N]) and `scores` (FP32, [N, labels]). A generative model takes
+`text_input` (BYTES, [N]) with optional request parameters (max_tokens, temperature, top_k, top_p,
+repetition_penalty, seed, stop: one string or a JSON list) and returns `text_output` (BYTES, [N]);
+ModelStreamInfer streams its chunks, as Triton's decoupled models do. Inputs come as raw contents
 (each BYTES element a 4-byte little-endian length and its bytes) or typed contents; outputs always
 go in `raw_output_contents`.
 """
 
 from __future__ import annotations
 
+import json
 import struct
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -16,6 +21,9 @@ from fastserve.inference.v1 import inference_pb2 as pb
 from inference import grpc_service_pb2 as kpb
 from inference import grpc_service_pb2_grpc
 from services.inference.core import Inference
+from services.inference.generator import GenerationRequest
+from services.inference.repository import LoadedModel
+from services.inference.sampling import SamplingParams
 from services.inference.servicer import deadline_of, settings_from_proto
 from shared.errors import FastServeError, InvalidArgument
 from shared.model_refs import BUILTIN_MODELS
@@ -23,6 +31,7 @@ from shared.model_refs import BUILTIN_MODELS
 SERVER_NAME = "fastserve"
 SERVER_VERSION = "0.1.0"
 TEXT_INPUT = "text"
+PROMPT_INPUT, COMPLETION_OUTPUT = "text_input", "text_output"
 
 
 def decode_bytes_tensor(raw: bytes, field: str) -> list[bytes]:
@@ -44,15 +53,15 @@ def encode_bytes_tensor(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(item)) + item for item in items)
 
 
-def _texts(request: kpb.ModelInferRequest) -> list[str]:
+def _texts(request: kpb.ModelInferRequest, name: str = TEXT_INPUT) -> list[str]:
     if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
         raise InvalidArgument("raw_input_contents must hold one entry per input", field="raw_input_contents")
     for index, tensor in enumerate(request.inputs):
-        if tensor.name != TEXT_INPUT:
+        if tensor.name != name:
             continue
         field = f"inputs[{index}]"
         if tensor.datatype != "BYTES":
-            raise InvalidArgument(f"input 'text' must be BYTES, got {tensor.datatype or 'nothing'}",
+            raise InvalidArgument(f"input {name!r} must be BYTES, got {tensor.datatype or 'nothing'}",
                                   field=f"{field}.datatype")
         items = decode_bytes_tensor(request.raw_input_contents[index], "raw_input_contents") \
             if request.raw_input_contents else list(tensor.contents.bytes_contents)
@@ -66,7 +75,7 @@ def _texts(request: kpb.ModelInferRequest) -> list[str]:
             return [item.decode("utf-8") for item in items]
         except UnicodeDecodeError:
             raise InvalidArgument("text elements must be UTF-8", field=field) from None
-    raise InvalidArgument("the request has no input named 'text'", field="inputs")
+    raise InvalidArgument(f"the request has no input named {name!r}", field="inputs")
 
 
 def _param(parameters, key: str, default):
@@ -74,6 +83,32 @@ def _param(parameters, key: str, default):
         return default
     choice = parameters[key]
     return getattr(choice, choice.WhichOneof("parameter_choice"))
+
+
+def _generation_request(request: kpb.ModelInferRequest, text: str, deadline: float | None) -> GenerationRequest:
+    p, defaults = request.parameters, SamplingParams()
+    stop = str(_param(p, "stop", ""))
+    try:
+        stops = tuple(json.loads(stop)) if stop.startswith("[") else (stop,) if stop else ()
+    except ValueError:
+        raise InvalidArgument("stop must be a string or a JSON list of strings", field="parameters.stop") from None
+    seed = _param(p, "seed", None)
+    params = SamplingParams(
+        max_new_tokens=int(_param(p, "max_tokens", defaults.max_new_tokens)),
+        temperature=float(_param(p, "temperature", 0.0)), top_k=int(_param(p, "top_k", 0)),
+        top_p=float(_param(p, "top_p", 1.0)), repetition_penalty=float(_param(p, "repetition_penalty", 1.0)),
+        seed=None if seed is None else int(seed), stop_sequences=stops)
+    return GenerationRequest(text=text, params=params, max_new_tokens_set="max_tokens" in p,
+                             priority=int(_param(p, "priority", 0)), deadline=deadline)
+
+
+def _text_response(model: LoadedModel, request_id: str, texts: list[str], final: bool | None = None):
+    parameters = {} if final is None else {"triton_final_response": kpb.InferParameter(bool_param=final)}
+    return kpb.ModelInferResponse(
+        model_name=model.name, model_version=model.version, id=request_id, parameters=parameters,
+        outputs=[kpb.ModelInferResponse.InferOutputTensor(name=COMPLETION_OUTPUT, datatype="BYTES",
+                                                          shape=[len(texts)])],
+        raw_output_contents=[encode_bytes_tensor([t.encode() for t in texts])])
 
 
 class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -101,6 +136,10 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         model = self.repository.get(request.name, request.version)
         versions = [m.version for m in self.repository.all() if m.name == model.name]
         meta = kpb.ModelMetadataResponse.TensorMetadata
+        if model.task == "generation":
+            return kpb.ModelMetadataResponse(name=model.name, versions=versions, platform="pytorch_generation",
+                                             inputs=[meta(name=PROMPT_INPUT, datatype="BYTES", shape=[-1])],
+                                             outputs=[meta(name=COMPLETION_OUTPUT, datatype="BYTES", shape=[-1])])
         if model.task == "embedding":
             outputs = [meta(name="embedding", datatype="FP32", shape=[-1, model.backend.dimension])]
         elif model.task == "sequence_classification":
@@ -113,6 +152,8 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                                          inputs=[meta(name=TEXT_INPUT, datatype="BYTES", shape=[-1])], outputs=outputs)
 
     def ModelInfer(self, request: kpb.ModelInferRequest, context):
+        if self.repository.get(request.model_name, request.model_version).task == "generation":
+            return self._generate(request, context)
         texts = _texts(request)
         truncate = bool(_param(request.parameters, "truncate", False))
         priority = int(_param(request.parameters, "priority", 0))
@@ -141,6 +182,41 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             model_name=model.name, model_version=model.version, id=request.id,
             outputs=[kpb.ModelInferResponse.InferOutputTensor(name=n, datatype=d, shape=s) for n, d, s, _ in tensors],
             raw_output_contents=[raw for *_, raw in tensors])
+
+    def _generate(self, request: kpb.ModelInferRequest, context) -> kpb.ModelInferResponse:
+        """Every prompt of the request generates at once in the engine; the response keeps their order."""
+        deadline = deadline_of(context)
+        started = [self.core.start_generation(request.model_name, request.model_version,
+                                              _generation_request(request, text, deadline),
+                                              lambda seq: context.add_callback(seq.cancel))
+                   for text in _texts(request, PROMPT_INPUT)]
+        texts = []
+        for model, seq in started:
+            failed = True
+            try:
+                texts.append(model.backend.complete(seq, deadline)[0])
+                failed = False
+            finally:
+                model.count(failed)
+        return _text_response(started[0][0], request.id, texts)
+
+    def ModelStreamInfer(self, request_iterator, context) -> Iterator[kpb.ModelStreamInferResponse]:
+        """Each request of the stream generates in turn; its chunks come back as they are produced, and a
+        failed request reports its error in the stream without ending it."""
+        for request in request_iterator:
+            try:
+                texts = _texts(request, PROMPT_INPUT)
+                if len(texts) != 1:
+                    raise InvalidArgument("a streamed request holds one prompt", field="inputs[0].shape")
+                model = self.repository.get(request.model_name, request.model_version)
+                chunks = self.core.stream(request.model_name, request.model_version,
+                                          _generation_request(request, texts[0], deadline_of(context)),
+                                          lambda seq: context.add_callback(seq.cancel))
+                for chunk in chunks:
+                    yield kpb.ModelStreamInferResponse(infer_response=_text_response(
+                        model, request.id, [chunk.text], final=chunk.finish is not None))
+            except FastServeError as exc:
+                yield kpb.ModelStreamInferResponse(error_message=f"{type(exc).__name__}: {exc.message}")
 
     def RepositoryIndex(self, request, context):
         entries = {}

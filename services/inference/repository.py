@@ -20,6 +20,10 @@ from prometheus_client import Counter, Histogram
 
 from services.inference.backends import EncoderBackend, infer_task, open_backend
 from services.inference.batcher import BatchingSettings, DynamicBatcher, Work
+from services.inference.compute import on_compute_thread
+from services.inference.engine import GenerationSettings
+from services.inference.generator import GenerationRequest, Generator
+from services.inference.sampling import SamplingParams
 from shared.artifacts import ArtifactStore
 from shared.errors import InvalidArgument, NotFound, Unavailable
 from shared.model_refs import BUILTIN, BUILTIN_MODELS, resolve_dir
@@ -50,6 +54,7 @@ class ModelSettings:
     task: str = ""  # empty: inferred from the model
     dtype: str = ""
     batching: BatchingSettings = field(default_factory=BatchingSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
 
 
 @dataclass
@@ -71,8 +76,8 @@ class LoadedModel:
     settings: ModelSettings
     state: State = State.LOADING
     error: str = ""
-    backend: EncoderBackend | None = None
-    batcher: DynamicBatcher | None = None
+    backend: EncoderBackend | Generator | None = None
+    batcher: DynamicBatcher | None = None  # encoders; a Generator has its own engine
     stats: Statistics = field(default_factory=Statistics)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -95,6 +100,17 @@ class LoadedModel:
                 waited = max(now - seconds - work.enqueued, 0.0)
                 self.stats.queue_ms += waited * 1e3
                 QUEUE_SECONDS.labels(*labels).observe(waited)
+
+    def statistics(self) -> Statistics:
+        """A copy of the figures; for a generative model an inference is a generated token and a batch
+        is an engine step."""
+        with self.lock:
+            stats = Statistics(**{**vars(self.stats), "batch_sizes": dict(self.stats.batch_sizes)})
+        if isinstance(self.backend, Generator):
+            steps = self.backend.engine.stats
+            stats.inferences, stats.batches = steps.tokens, steps.steps
+            stats.compute_ms, stats.batch_sizes = steps.compute_s * 1e3, dict(steps.batch_sizes)
+        return stats
 
     def count(self, failed: bool) -> None:
         REQUESTS.labels(self.name, self.version).inc()
@@ -137,15 +153,17 @@ class ModelRepository:
             versions[version] = entry
         try:
             task = settings.task or infer_task(folder)
-            entry.backend = open_backend(folder, settings.backend, task, settings.dtype)
-            entry.batcher = DynamicBatcher(f"{name}/{version}", _runner(entry.backend), settings.batching,
-                                           entry.observe)
-            encoded = entry.backend.encoder.encode(["warm up the model"], truncate=True)
-            entry.batcher.submit(encoded.ids, 1, encoded.longest).result(timeout=120)
+            if task == "generation":
+                entry.backend = _open_generator(f"{name}/{version}", folder, settings)
+            else:
+                entry.backend = on_compute_thread(open_backend, folder, settings.backend, task, settings.dtype)
+                entry.batcher = DynamicBatcher(f"{name}/{version}", _runner(entry.backend), settings.batching,
+                                               entry.observe)
+                encoded = entry.backend.encoder.encode(["warm up the model"], truncate=True)
+                entry.batcher.submit(encoded.ids, 1, encoded.longest).result(timeout=120)
         except Exception as exc:
             entry.state, entry.error = State.FAILED, str(getattr(exc, "message", exc))
-            if entry.batcher:
-                entry.batcher.drain()
+            _stop(entry)
             log.warning("loading %s/%s failed: %s", name, version, entry.error)
             raise
         entry.state = State.READY
@@ -162,8 +180,7 @@ class ModelRepository:
             self._drain(model)
 
     def _drain(self, model: LoadedModel) -> None:
-        if model.batcher:
-            model.batcher.drain()
+        _stop(model)
         with self.lock:
             versions = self.models.get(model.name, {})
             if versions.get(model.version) is model:
@@ -206,10 +223,28 @@ class ModelRepository:
             return sorted((m for versions in self.models.values() for m in versions.values()),
                           key=lambda m: (m.name, _version_key(m.version)))
 
+def _open_generator(name: str, folder: Path, settings: ModelSettings) -> Generator:
+    if settings.backend != "pytorch":
+        raise InvalidArgument("generation runs on the PyTorch backend", field="config.backend")
+    generator = on_compute_thread(Generator, name, folder, settings.dtype, settings.generation)
+    warm = generator.submit(GenerationRequest(token_ids=[0], params=SamplingParams(max_new_tokens=2),
+                                              max_new_tokens_set=True))
+    generator.complete(warm, time.monotonic() + 120)
+    return generator
+
+
+def _stop(model: LoadedModel) -> None:
+    """Finish what the model has queued or running, then stop its worker threads."""
+    if model.batcher:
+        model.batcher.drain()
+    if isinstance(model.backend, Generator):
+        model.backend.drain()
+
+
 def _runner(backend: EncoderBackend):
     """Run the rows of several requests as one batch and hand each request its own slice back."""
     def run(payloads: list[list[list[int]]]) -> list[Any]:
-        outputs = backend.run([row for rows in payloads for row in rows])
+        outputs = on_compute_thread(backend.run, [row for rows in payloads for row in rows])
         results, start = [], 0
         for rows in payloads:
             results.append(outputs[start:start + len(rows)])
@@ -225,4 +260,5 @@ def _version_key(version: str) -> tuple[int, str]:
 def describe(model: LoadedModel) -> dict[str, Any]:
     return {"name": model.name, "version": model.version, "state": model.state.value, "error": model.error,
             "uri": model.uri, "task": model.task, "backend": model.settings.backend,
-            "batching": model.settings.batching.describe()}
+            "batching": model.settings.batching.describe(),
+            **({"generation": model.settings.generation.describe()} if model.task == "generation" else {})}

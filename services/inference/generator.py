@@ -1,0 +1,191 @@
+"""Generation requests: checked, tokenized, run on the engine, and turned back into text. No gRPC here.
+
+A completion's text never contains a stop sequence; while streaming, the last characters that could
+still turn out to start one are held back until they cannot.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from services.inference.backends import DTYPES, load_fast_tokenizer
+from services.inference.decoder import open_decoder
+from services.inference.engine import Engine, Finish, GenerationSettings, Sequence
+from services.inference.sampling import SamplingParams
+from shared.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    text: str | None = None  # exactly one of text and token_ids
+    token_ids: list[int] | None = None
+    params: SamplingParams = SamplingParams()
+    max_new_tokens_set: bool = False  # False: params.max_new_tokens is the default, fitted to the window
+    priority: int = 0
+    deadline: float | None = None  # time.monotonic()
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    queue_ms: float
+    time_to_first_token_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a streamed completion; the last one has `finish` and `usage`."""
+
+    text: str
+    token_ids: list[int]
+    finish: Finish | None = None
+    usage: Usage | None = None
+
+
+class Generator:
+    """A causal LM served for generation: its tokenizer and its engine."""
+
+    task = "generation"
+    platform = "pytorch"
+
+    def __init__(self, name: str, folder: Path, dtype: str, settings: GenerationSettings) -> None:
+        if dtype not in DTYPES:
+            raise InvalidArgument(f"dtype must be one of fp32, bf16, fp16, got {dtype!r}", field="config.dtype")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if DTYPES[dtype] is torch.float16 and device.type == "cpu":
+            raise FailedPrecondition("fp16 needs a GPU; use fp32 or bf16 on CPU")
+        if (folder / "quantization.json").is_file():
+            from services.optimization.quantize import load_quantized_torch
+
+            model = load_quantized_torch(folder, AutoModelForCausalLM)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype])
+        self.tokenizer = load_fast_tokenizer(folder)
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        decoder = open_decoder(model.to(device).eval())
+        self.vocab_size = decoder.vocab_size
+        self.engine = Engine(name, decoder, settings, _eos_ids(folder), self.decode)
+        self.context = self.engine.context
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if request.token_ids is not None:
+            ids, field = list(request.token_ids), "token_ids.ids"
+            bad = next((i for i, t in enumerate(ids) if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise InvalidArgument(f"token id {ids[bad]} is outside the vocabulary of {self.vocab_size}",
+                                      field=f"token_ids.ids[{bad}]")
+        else:
+            ids, field = self.tokenizer.encode(request.text or "", add_special_tokens=False).ids, "text"
+        if not ids:
+            raise InvalidArgument("the prompt is empty", field=field)
+        if len(ids) >= self.context:
+            raise InvalidArgument(f"the prompt has {len(ids)} tokens; the context window is {self.context}, "
+                                  "and at least one must be left to generate", field=field)
+        return ids
+
+    def submit(self, request: GenerationRequest) -> Sequence:
+        params = check_params(request.params)
+        prompt = self.prompt_ids(request)
+        room = self.context - len(prompt)
+        if not request.max_new_tokens_set:
+            params = replace(params, max_new_tokens=min(params.max_new_tokens, room))
+        elif params.max_new_tokens > room:
+            raise InvalidArgument(f"max_new_tokens {params.max_new_tokens} does not fit: the prompt has "
+                                  f"{len(prompt)} tokens of a {self.context}-token window",
+                                  field="sampling.max_new_tokens")
+        return self.engine.submit(prompt, params, request.priority, request.deadline)
+
+    def complete(self, seq: Sequence, deadline: float | None) -> tuple[str, list[int], Finish, Usage]:
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        if not seq.done.wait(timeout):
+            seq.cancel()
+            raise DeadlineExceeded("the deadline passed before generation finished")
+        self._raise_if_cut_short(seq, deadline)
+        text = self.final_text(seq)
+        return text, seq.generated, seq.finish, usage(seq)
+
+    def stream(self, seq: Sequence, deadline: float | None) -> Iterator[Chunk]:
+        """Chunks as tokens come: every token the engine produced since the previous chunk."""
+        stops = seq.sampler.params.stop_sequences
+        hold = max(map(len, stops), default=1) - 1
+        emitted, sent_ids, ended = "", 0, False
+        while not ended:
+            batch = [seq.events.get()]
+            while not seq.events.empty():
+                batch.append(seq.events.get())
+            ended = batch[-1] is None
+            if ended:
+                self._raise_if_cut_short(seq, deadline)
+                text = self.final_text(seq)
+            else:
+                text = self.decode(seq.generated).rstrip("\ufffd")  # wait for a character's last bytes
+                text = text[:max(len(text) - hold, 0)] if stops else text
+            ids = seq.generated[sent_ids:]
+            if text.startswith(emitted) and (len(text) > len(emitted) or ids or ended):
+                yield Chunk(text[len(emitted):], ids, seq.finish if ended else None, usage(seq) if ended else None)
+                emitted, sent_ids = text, sent_ids + len(ids)
+
+    def final_text(self, seq: Sequence) -> str:
+        text = self.decode(seq.generated)
+        if seq.finish is Finish.STOP:
+            cuts = [text.find(s) for s in seq.sampler.params.stop_sequences if s in text]
+            text = text[:min(cuts)] if cuts else text
+        return text
+
+    @staticmethod
+    def _raise_if_cut_short(seq: Sequence, deadline: float | None) -> None:
+        if seq.finish is Finish.CANCELLED:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded("the deadline passed before generation finished")
+            raise Cancelled("generation was cancelled")
+
+    def drain(self) -> None:
+        self.engine.drain()
+
+
+def check_params(p: SamplingParams) -> SamplingParams:
+    if p.max_new_tokens <= 0:
+        raise InvalidArgument(f"max_new_tokens must be at least 1, got {p.max_new_tokens}",
+                              field="sampling.max_new_tokens")
+    if p.temperature < 0:
+        raise InvalidArgument(f"temperature must be >= 0, got {p.temperature}", field="sampling.temperature")
+    if not 0 < p.top_p <= 1:
+        raise InvalidArgument(f"top_p must be in (0, 1], got {p.top_p}", field="sampling.top_p")
+    if p.top_k < 0:
+        raise InvalidArgument(f"top_k must be >= 0, got {p.top_k}", field="sampling.top_k")
+    if p.repetition_penalty <= 0:
+        raise InvalidArgument(f"repetition_penalty must be > 0, got {p.repetition_penalty}",
+                              field="sampling.repetition_penalty")
+    if any(not s for s in p.stop_sequences):
+        raise InvalidArgument("stop sequences must not be empty", field="sampling.stop_sequences")
+    return p
+
+
+def usage(seq: Sequence) -> Usage:
+    ms = lambda t: 0.0 if t is None else (t - seq.arrival) * 1e3  # noqa: E731
+    return Usage(seq.prompt_tokens, len(seq.generated), ms(seq.started), ms(seq.first_token), ms(seq.finished))
+
+
+def _eos_ids(folder: Path) -> set[int]:
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name
+        if path.is_file():
+            config = json.loads(path.read_text())
+            if "eos_token_id" in config:  # generation_config.json wins, as in transformers' generate
+                eos = config["eos_token_id"]
+                return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return ids

@@ -1,0 +1,124 @@
+"""The generation engine in process: KV eviction to host memory and recomputation, chunked prefill,
+EOS, and the MLFQ policy's levels, demotion and promotion."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from prometheus_client import REGISTRY
+from transformers import AutoModelForCausalLM
+
+from services.inference.decoder import open_decoder
+from services.inference.engine import Engine, Finish, GenerationSettings, Sequence
+from services.inference.sampling import Sampler, SamplingParams
+from services.inference.scheduling import Mlfq, MlfqSettings
+from tests.support.tiny_models import build_causal_lm
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = build_causal_lm(tmp_path_factory.mktemp("engine") / "gpt", "gpt2", train_steps=200)
+    return AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+
+
+def engine(model, name: str, eos: set[int] = frozenset(), **settings) -> Engine:
+    return Engine(name, open_decoder(model), GenerationSettings(**settings), set(eos), lambda ids: "")
+
+
+def reference(model, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                          eos_token_id=None)[0, len(prompt):].tolist()
+
+
+def prompts(count: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, 400, (int(torch.randint(2, 40, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(count)]
+
+
+def run_all(eng: Engine, work: list[tuple[list[int], int]]) -> list[Sequence]:
+    seqs = [eng.submit(p, SamplingParams(max_new_tokens=n)) for p, n in work]
+    for seq in seqs:
+        assert seq.done.wait(60)
+    eng.drain()
+    return seqs
+
+
+def evictions(name: str, to: str) -> float:
+    return REGISTRY.get_sample_value("fastserve_generation_evictions_total",
+                                     {"model": name, "policy": "mlfq", "to": to}) or 0.0
+
+
+@pytest.mark.parametrize("host_slots,evicted_to", [(2, "host"), (0, "recompute")])
+def test_evicted_caches_come_back_exactly(model, host_slots, evicted_to):
+    """MLFQ with fewer KV slots than sequences: caches move out and back, and decoding is unchanged."""
+    name = f"evict-{evicted_to}"
+    eng = engine(model, name, policy="mlfq", max_batch_size=2, kv_slots=3, host_slots=host_slots,
+                 mlfq=MlfqSettings(base_quantum=2))
+    work = [(p, 10 + 7 * i) for i, p in enumerate(prompts(6))]
+    seqs = run_all(eng, work)
+    for (prompt, n), seq in zip(work, seqs, strict=True):
+        assert seq.finish is Finish.LENGTH and seq.generated == reference(model, prompt, n)
+    assert evictions(name, evicted_to) > 0
+    assert sum(s.preemptions for s in seqs) > 0
+
+
+def test_long_prompts_prefill_in_chunks_between_decode_steps(model):
+    eng = engine(model, "chunked", max_batch_size=4, max_prefill_tokens=8)
+    short, long = prompts(1, seed=1)[0], prompts(1, seed=2)[0] * 4
+    first = eng.submit(short, SamplingParams(max_new_tokens=40))
+    while not first.generated:
+        time.sleep(0.001)
+    second = eng.submit(long, SamplingParams(max_new_tokens=5))
+    assert second.done.wait(60) and first.done.wait(60)
+    eng.drain()
+    assert second.generated == reference(model, long, 5) and first.generated == reference(model, short, 40)
+    # While the long prompt was prefilled 8 tokens a step, the first sequence kept decoding.
+    assert eng.stats.batch_sizes.get(2, 0) >= len(long) // 8
+
+
+def test_an_eos_token_ends_the_sequence_without_being_returned(model):
+    prompt = prompts(1, seed=3)[0]
+    expected = reference(model, prompt, 20)
+    eos = expected[6]
+    eng = engine(model, "eos", eos={eos})
+    (seq,) = run_all(eng, [(prompt, 20)])
+    assert seq.finish is Finish.EOS and seq.generated == expected[:expected.index(eos)]
+
+
+def test_a_starving_job_is_promoted_after_its_wait_bound(model):
+    """One long job behind a flood of short ones: without promotion it finishes last, with a short
+    starvation bound it goes back to the top level and finishes while short jobs still wait."""
+    def finish_rank(starvation_ms: int) -> int:
+        eng = engine(model, f"starve-{starvation_ms}", policy="mlfq", max_batch_size=1,
+                     mlfq=MlfqSettings(base_quantum=2, starvation_ms=starvation_ms))
+        long = eng.submit(prompts(1)[0], SamplingParams(max_new_tokens=24))
+        while len(long.generated) < 10:  # used up its first quanta: demoted to level 2
+            time.sleep(0.001)
+        shorts = [eng.submit(p, SamplingParams(max_new_tokens=6)) for p in prompts(150, seed=5)]
+        for seq in [long, *shorts]:
+            assert seq.done.wait(60)
+        eng.drain()
+        return sum(s.finished < long.finished for s in shorts)
+
+    assert finish_rank(starvation_ms=60000) == 150
+    assert finish_rank(starvation_ms=20) < 150
+
+
+def test_mlfq_levels_skip_join_demotion_and_promotion():
+    policy = Mlfq(MlfqSettings(levels=4, base_quantum=4, prompt_tokens_per_step=16, starvation_ms=100))
+
+    def seq(prompt_tokens: int) -> Sequence:
+        s = Sequence(list(range(prompt_tokens)), Sampler(SamplingParams()), 0, None, order=prompt_tokens)
+        policy.enter(s)
+        return s
+
+    short, medium, huge = seq(10), seq(100), seq(5000)
+    assert (short.level, medium.level, huge.level) == (0, 1, 3)  # quanta 4, 8, 16, 32 decode steps
+    assert [policy.account(short, 1) for _ in range(4)] == [False, False, False, True] and short.level == 1
+    assert policy.key(short) < policy.key(medium)  # the same level now: the earlier arrival first
+    huge.waited = 0.2
+    assert policy.promote([short, medium, huge]) == 1 and huge.level == 0 and huge.waited == 0

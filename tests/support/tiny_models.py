@@ -1,0 +1,58 @@
+"""Small causal LMs built on the spot: a BPE tokenizer and a GPT-2 or Llama trained briefly on the
+stdlib docstrings (or left at random weights, for speed measurements), saved as a model folder the
+inference service loads (safetensors, config, generation config, tokenizer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from services.preprocessing.stdlib_corpus import stdlib_documents
+from services.preprocessing.tokenizer_training import TokenizerSpec, save_tokenizer, train_tokenizer
+
+
+def build_causal_lm(folder: Path, family: str = "gpt2", hidden: int = 64, layers: int = 2, heads: int = 4,
+                    vocab: int = 512, positions: int = 256, train_steps: int = 300, seed: int = 0,
+                    documents: int = 1500, eos: bool = True) -> Path:
+    """`eos=False`: a model without an end-of-sequence token, whose completions always run to their
+    length (for speed measurements)."""
+    torch.manual_seed(seed)
+    texts = [d["text"] for d in stdlib_documents(seed=seed, max_documents=documents)]
+    spec = TokenizerSpec("bpe", vocab)
+    tokenizer = train_tokenizer(spec, iter(texts), length=len(texts))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(tokenizer, spec, folder)
+    eos, pad = tokenizer.token_to_id("<|endoftext|>") if eos else None, tokenizer.token_to_id("<pad>")
+    vocab = tokenizer.get_vocab_size()
+    if family == "gpt2":
+        config = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=hidden, n_layer=layers, n_head=heads,
+                            bos_token_id=eos, eos_token_id=eos, pad_token_id=pad)
+        model = GPT2LMHeadModel(config)
+    else:
+        config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2,
+                             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
+                             max_position_embeddings=positions, bos_token_id=eos, eos_token_id=eos,
+                             pad_token_id=pad)
+        model = LlamaForCausalLM(config)
+    if train_steps:
+        _train(model, tokenizer, texts, train_steps)
+    model.eval().save_pretrained(str(folder))
+    return folder
+
+
+def _train(model: torch.nn.Module, tokenizer, texts: list[str], steps: int, width: int = 64) -> None:
+    # Documents run on into each other (no EOS between them), so completions are long rather than
+    # ending after a few tokens: more tokens to compare in tests.
+    ids = tokenizer.encode("\n\n".join(texts), add_special_tokens=False).ids
+    rows = torch.tensor(ids[:len(ids) // width * width]).view(-1, width)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        batch = rows[torch.randint(len(rows), (16,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
