@@ -196,10 +196,10 @@ def open_backend(folder: Path, backend: str, task: str, dtype: str) -> EncoderBa
 
 
 def infer_task(folder: Path) -> str:
-    """What a model folder serves when the load request does not say: generation for a causal LM, a
-    classifier if it has a classification head, else embeddings."""
+    """What a model folder serves when the load request does not say: generation for a causal LM or an
+    encoder-decoder, a classifier if it has a classification head, else embeddings."""
     config = json.loads((folder / "config.json").read_text())
     architectures = " ".join(config.get("architectures") or [])
-    if "CausalLM" in architectures or "LMHeadModel" in architectures:
+    if any(kind in architectures for kind in ("CausalLM", "LMHeadModel", "ForConditionalGeneration")):
         return "generation"
     return "sequence_classification" if "SequenceClassification" in architectures else "embedding"

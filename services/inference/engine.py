@@ -69,10 +69,12 @@ class GenerationSettings:
 class Sequence:
     """One request inside the engine. Only the engine thread changes it, except `cancel`."""
 
-    prompt: list[int]
+    prompt: list[int]  # what the decoder starts from: the prompt, or an encoder-decoder's start token
     sampler: Sampler
     priority: int
     deadline: float | None
+    source: list[int] | None = None  # an encoder-decoder's input
+    encoded: bool = False  # its encoder states are in its slot
     order: int = 0
     arrival: float = field(default_factory=time.monotonic)
     tokens: list[int] = field(default_factory=list)  # prompt + generated: what the cache must hold
@@ -98,7 +100,7 @@ class Sequence:
 
     @property
     def prompt_tokens(self) -> int:
-        return len(self.prompt)
+        return len(self.source if self.source is not None else self.prompt)
 
     @property
     def generated(self) -> list[int]:
@@ -123,7 +125,8 @@ class Engine:
         self.name, self.decoder, self.settings, self.eos_ids, self.decode = name, decoder, settings, eos_ids, decode
         self.context = min(settings.context or decoder.max_positions, decoder.max_positions, 2048)
         self.cache = KVCache(settings.slots(), self.context, decoder.kv_heads, decoder.head_dim, decoder.dtype,
-                             decoder.device, settings.slots() if settings.host_slots < 0 else settings.host_slots)
+                             decoder.device, settings.slots() if settings.host_slots < 0 else settings.host_slots,
+                             source=decoder.max_source if decoder.encoder_decoder else 0)
         self.policy = make_policy(settings.policy, settings.mlfq)
         self.active: list[Sequence] = []  # owned by the engine thread
         self.incoming: list[Sequence] = []
@@ -140,7 +143,10 @@ class Engine:
 
     def submit(self, prompt: list[int], params: SamplingParams, priority: int = 0,
                deadline: float | None = None) -> Sequence:
-        seq = Sequence(prompt, Sampler(params), priority, deadline)
+        if self.decoder.encoder_decoder:
+            seq = Sequence([self.decoder.start_id], Sampler(params), priority, deadline, source=prompt)
+        else:
+            seq = Sequence(prompt, Sampler(params), priority, deadline)
         with self.cond:
             if not self.accepting:
                 raise Unavailable(f"model {self.name} is unloading")
@@ -249,13 +255,16 @@ class Engine:
         if seq.saved is not None:
             self.cache.restore(slot, seq.saved)
             seq.saved = None
+        elif seq.source is not None and not seq.encoded:
+            self.cache.write_cross(slot, self.decoder.encode(seq.source))
+            seq.encoded = True
         return True
 
     def _evict(self, seq: Sequence) -> None:
         saved = self.cache.offload(seq.slot, seq.cached)
         if saved is None:  # the host pool is full: drop the cache and prefill again when it runs
             self.cache.release(seq.slot)
-            seq.cached = 0
+            seq.cached, seq.encoded = 0, False
             self.metrics.evictions["recompute"].inc()
         else:
             seq.saved = saved
@@ -287,7 +296,7 @@ class Engine:
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
         ids_t, pos_t, slots_t = as_tensor(ids), as_tensor(positions), as_tensor(slots)
         attend = self._attention(slots_t, pos_t, decode_rows, decode_slots, decode_lengths, prefills)
-        hidden = self.decoder.forward(ids_t, pos_t, attend)
+        hidden = self.decoder.forward(ids_t, pos_t, attend, self._cross(slots_t, decode_rows, decode_slots, prefills))
         if not sampling:
             return []
         logits = self.decoder.logits(hidden[as_tensor(last_rows)])
@@ -295,7 +304,8 @@ class Engine:
         return list(zip(sampling, tokens, strict=True))
 
     def _attention(self, slots_t, pos_t, decode_rows, decode_slots, decode_lengths, prefills):
-        """The attend callback for one step; masks are built once and shared by all layers."""
+        """The attend callback for one step; masks (with a model's position bias) are built once and
+        shared by all layers."""
         device, cache = self.decoder.device, self.cache
         if decode_rows:
             # Decode rows attend over a view of the first `upper` slots (no gather): a slot without a
@@ -304,10 +314,13 @@ class Engine:
             lengths = torch.ones(upper, dtype=torch.long, device=device)
             dec_slots = torch.tensor(decode_slots, device=device)
             lengths[dec_slots] = torch.tensor(decode_lengths, device=device)
-            decode_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+            decode_mask = self._mask(torch.arange(width, device=device)[None, :] < lengths[:, None], lengths - 1,
+                                     width)[:, :, None, :]
             dec_rows = torch.tensor(decode_rows, device=device)
-        prefill_masks = [torch.arange(start + n, device=device)[None, :] <=
-                         torch.arange(start, start + n, device=device)[:, None] for _, n, _, start in prefills]
+        prefill_masks = [self._mask(torch.arange(start + n, device=device)[None, :] <=
+                                    torch.arange(start, start + n, device=device)[:, None],
+                                    torch.arange(start, start + n, device=device), start + n).transpose(0, 1)
+                         for _, n, _, start in prefills]  # [1 or heads, n, keys]
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             cache.write(layer, slots_t, pos_t, k, v)
@@ -328,6 +341,48 @@ class Engine:
             return out.reshape(q.shape[0], -1)
 
         return attend
+
+    def _mask(self, allowed: torch.Tensor, query_positions: torch.Tensor, keys: int) -> torch.Tensor:
+        """A boolean mask [n, 1, keys], or with a model's position bias an additive one [n, heads, keys]."""
+        bias = self.decoder.position_bias(query_positions, keys)
+        if bias is None:
+            return allowed[:, None, :]
+        return bias.masked_fill(~allowed[:, None, :], float("-inf"))
+
+    def _cross(self, slots_t, decode_rows, decode_slots, prefills):
+        """The cross-attention callback of an encoder-decoder: each token attends over its own slot's
+        encoder states."""
+        if not self.decoder.encoder_decoder:
+            return None
+        cache, device = self.cache, self.decoder.device
+        sources = cache.source_lengths
+        rows = torch.tensor(decode_rows + [row + i for row, n, _, _ in prefills for i in range(n)], device=device)
+        row_slots = slots_t[rows]
+        upper = int(row_slots.max()) + 1
+        width = int(sources[:upper].max())
+        mask = (torch.arange(width, device=device)[None, :] < sources[:upper, None].clamp(min=1))[:, None, None, :]
+
+        def cross(layer: int, q: torch.Tensor) -> torch.Tensor:
+            # One query per token, laid out by slot; tokens of one slot (a chunked prefill) take turns.
+            out = torch.empty_like(q)
+            pending = list(zip(rows.tolist(), row_slots.tolist(), strict=True))
+            while pending:
+                seen, now, later = set(), [], []
+                for row, slot in pending:
+                    (later if slot in seen else now).append((row, slot))
+                    seen.add(slot)
+                now_rows = torch.tensor([r for r, _ in now], device=device)
+                now_slots = torch.tensor([s for _, s in now], device=device)
+                queries = q.new_zeros(upper, q.shape[1], 1, q.shape[2])
+                queries[now_slots, :, 0] = q[now_rows]
+                o = F.scaled_dot_product_attention(queries, cache.cross_keys[layer][:upper, :, :width],
+                                                   cache.cross_values[layer][:upper, :, :width], attn_mask=mask,
+                                                   scale=self.decoder.scales[layer])
+                out[now_rows] = o[now_slots, :, 0]
+                pending = later
+            return out.reshape(q.shape[0], -1)
+
+        return cross
 
     def _append(self, seq: Sequence, token: int, now: float) -> None:
         params = seq.sampler.params

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from services.inference.backends import DTYPES, load_fast_tokenizer
 from services.inference.decoder import open_decoder
@@ -52,7 +52,7 @@ class Chunk:
 
 
 class Generator:
-    """A causal LM served for generation: its tokenizer and its engine."""
+    """A causal LM or an encoder-decoder served for generation: its tokenizer and its engine."""
 
     task = "generation"
     platform = "pytorch"
@@ -63,19 +63,26 @@ class Generator:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if DTYPES[dtype] is torch.float16 and device.type == "cpu":
             raise FailedPrecondition("fp16 needs a GPU; use fp32 or bf16 on CPU")
+        auto = AutoModelForSeq2SeqLM if AutoConfig.from_pretrained(str(folder)).is_encoder_decoder \
+            else AutoModelForCausalLM
         if (folder / "quantization.json").is_file():
             from services.optimization.quantize import load_quantized_torch
 
-            model = load_quantized_torch(folder, AutoModelForCausalLM)
+            model = load_quantized_torch(folder, auto)
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype])
+            model = auto.from_pretrained(str(folder), dtype=DTYPES[dtype])
         self.tokenizer = load_fast_tokenizer(folder)
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
         decoder = open_decoder(model.to(device).eval())
-        self.vocab_size = decoder.vocab_size
+        self.vocab_size, self.encoder_decoder = decoder.vocab_size, decoder.encoder_decoder
         self.engine = Engine(name, decoder, settings, _eos_ids(folder), self.decode)
         self.context = self.engine.context
+        # The longest prompt, and what a prompt leaves of the window to generate into.
+        if decoder.encoder_decoder:
+            self.max_prompt, self.room = decoder.max_source, lambda prompt: self.context - 1
+        else:
+            self.max_prompt, self.room = self.context - 1, lambda prompt: self.context - len(prompt)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -88,23 +95,26 @@ class Generator:
                 raise InvalidArgument(f"token id {ids[bad]} is outside the vocabulary of {self.vocab_size}",
                                       field=f"token_ids.ids[{bad}]")
         else:
-            ids, field = self.tokenizer.encode(request.text or "", add_special_tokens=False).ids, "text"
+            # An encoder's input carries its special tokens (T5's closing </s>); a decoder's prompt does not.
+            ids = self.tokenizer.encode(request.text or "", add_special_tokens=self.encoder_decoder).ids
+            field = "text"
         if not ids:
             raise InvalidArgument("the prompt is empty", field=field)
-        if len(ids) >= self.context:
-            raise InvalidArgument(f"the prompt has {len(ids)} tokens; the context window is {self.context}, "
-                                  "and at least one must be left to generate", field=field)
+        if len(ids) > self.max_prompt:
+            raise InvalidArgument(f"the prompt has {len(ids)} tokens, over the {self.max_prompt} this model "
+                                  f"takes (its window is {self.context} and one token must be left to generate)",
+                                  field=field)
         return ids
 
     def submit(self, request: GenerationRequest) -> Sequence:
         params = check_params(request.params)
         prompt = self.prompt_ids(request)
-        room = self.context - len(prompt)
+        room = self.room(prompt)
         if not request.max_new_tokens_set:
             params = replace(params, max_new_tokens=min(params.max_new_tokens, room))
         elif params.max_new_tokens > room:
-            raise InvalidArgument(f"max_new_tokens {params.max_new_tokens} does not fit: the prompt has "
-                                  f"{len(prompt)} tokens of a {self.context}-token window",
+            raise InvalidArgument(f"max_new_tokens {params.max_new_tokens} does not fit: {room} tokens are left "
+                                  f"of the {self.context}-token window after the prompt",
                                   field="sampling.max_new_tokens")
         return self.engine.submit(prompt, params, request.priority, request.deadline)
 

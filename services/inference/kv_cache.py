@@ -5,7 +5,8 @@ from admission until it finishes or is evicted; the lowest free slot is handed o
 slots in use stay packed at the front and a decode step can attend over a view of the first slots
 without gathering. An evicted sequence's cache goes to host memory while the host pool has room
 (copied back into any free slot when it runs again), or is dropped and recomputed from its tokens.
-Nothing is allocated per request: memory is fixed when the model loads.
+An encoder-decoder also keeps, per slot, the cross-attention keys and values of its sequence's
+encoder states. Nothing is allocated per request: memory is fixed when the model loads.
 """
 
 from __future__ import annotations
@@ -17,10 +18,15 @@ import torch
 
 class KVCache:
     def __init__(self, slots: int, context: int, kv_heads: list[int], head_dim: int, dtype: torch.dtype,
-                 device: torch.device, host_slots: int) -> None:
+                 device: torch.device, host_slots: int, source: int = 0) -> None:
+        """`source`: the longest encoder input of an encoder-decoder (0: a decoder-only model)."""
         self.slots, self.context, self.host_slots = slots, context, host_slots
         self.keys = [torch.zeros(slots, h, context, head_dim, dtype=dtype, device=device) for h in kv_heads]
         self.values = [torch.zeros_like(k) for k in self.keys]
+        self.cross_keys = [torch.zeros(slots, h, source, head_dim, dtype=dtype, device=device)
+                           for h in kv_heads] if source else []
+        self.cross_values = [torch.zeros_like(k) for k in self.cross_keys]
+        self.source_lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self.free = list(range(slots))
         heapq.heapify(self.free)
         self.offloaded = 0  # sequences whose cache is in host memory now
@@ -28,7 +34,8 @@ class KVCache:
 
     @property
     def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        tensors = self.keys + self.values + self.cross_keys + self.cross_values
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
     def used(self) -> int:
@@ -46,13 +53,23 @@ class KVCache:
         self.keys[layer][slots, :, positions] = k
         self.values[layer][slots, :, positions] = v
 
+    def write_cross(self, slot: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Store one source's cross-attention keys/values, per layer [L, heads, d], in `slot`."""
+        for layer, (k, v) in enumerate(layers):
+            self.cross_keys[layer][slot, :, :len(k)] = k.transpose(0, 1)
+            self.cross_values[layer][slot, :, :len(v)] = v.transpose(0, 1)
+        self.source_lengths[slot] = len(layers[0][0])
+
     def offload(self, slot: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """Copy a slot's first `length` positions to host memory and free the slot; None (nothing
-        copied, slot still held) when the host pool is full and the caller should recompute instead."""
+        """Copy a slot's first `length` positions (and its cross-attention states) to host memory and
+        free the slot; None (nothing copied, slot still held) when the host pool is full and the caller
+        should recompute instead."""
         if self.offloaded >= self.host_slots:
             return None
-        saved = [(k[slot, :, :length].to("cpu", copy=True), v[slot, :, :length].to("cpu", copy=True))
-                 for k, v in zip(self.keys, self.values, strict=True)]
+        source = int(self.source_lengths[slot])
+        pairs = [(k, v, length) for k, v in zip(self.keys, self.values, strict=True)]
+        pairs += [(k, v, source) for k, v in zip(self.cross_keys, self.cross_values, strict=True)]
+        saved = [(k[slot, :, :n].to("cpu", copy=True), v[slot, :, :n].to("cpu", copy=True)) for k, v, n in pairs]
         if self.pin:
             saved = [(k.pin_memory(), v.pin_memory()) for k, v in saved]
         self.offloaded += 1
@@ -60,10 +77,13 @@ class KVCache:
         return saved
 
     def restore(self, slot: int, saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        for layer, (k, v) in enumerate(saved):
-            length = k.shape[1]
-            self.keys[layer][slot, :, :length].copy_(k, non_blocking=True)
-            self.values[layer][slot, :, :length].copy_(v, non_blocking=True)
+        targets = list(zip(self.keys, self.values, strict=True)) + list(zip(self.cross_keys, self.cross_values,
+                                                                             strict=True))
+        for (keys, values), (k, v) in zip(targets, saved, strict=True):
+            keys[slot, :, :k.shape[1]].copy_(k, non_blocking=True)
+            values[slot, :, :v.shape[1]].copy_(v, non_blocking=True)
+        if self.cross_keys:
+            self.source_lengths[slot] = saved[len(self.keys)][0].shape[1]
         self.offloaded -= 1
 
     def forget(self) -> None:

@@ -1,5 +1,5 @@
-"""The generation engine in process: KV eviction to host memory and recomputation, chunked prefill,
-EOS, and the MLFQ policy's levels, demotion and promotion."""
+"""The generation engine in process: KV eviction to host memory and recomputation (decoder-only and
+encoder-decoder), chunked prefill, EOS, and the MLFQ policy's levels, demotion and promotion."""
 
 from __future__ import annotations
 
@@ -8,19 +8,25 @@ import time
 import pytest
 import torch
 from prometheus_client import REGISTRY
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from services.inference.decoder import open_decoder
 from services.inference.engine import Engine, Finish, GenerationSettings, Sequence
 from services.inference.sampling import Sampler, SamplingParams
 from services.inference.scheduling import Mlfq, MlfqSettings
-from tests.support.tiny_models import build_causal_lm
+from tests.support.tiny_models import build_causal_lm, build_seq2seq
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     folder = build_causal_lm(tmp_path_factory.mktemp("engine") / "gpt", "gpt2", train_steps=200)
     return AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+
+
+@pytest.fixture(scope="module")
+def seq2seq(tmp_path_factory):
+    folder = build_seq2seq(tmp_path_factory.mktemp("engine") / "t5", steps=150)
+    return AutoModelForSeq2SeqLM.from_pretrained(str(folder)).eval()
 
 
 def engine(model, name: str, eos: set[int] = frozenset(), **settings) -> Engine:
@@ -64,6 +70,21 @@ def test_evicted_caches_come_back_exactly(model, host_slots, evicted_to):
         assert seq.finish is Finish.LENGTH and seq.generated == reference(model, prompt, n)
     assert evictions(name, evicted_to) > 0
     assert sum(s.preemptions for s in seqs) > 0
+
+
+@pytest.mark.parametrize("host_slots,evicted_to", [(2, "host"), (0, "recompute")])
+def test_encoder_decoder_cross_attention_states_survive_eviction(seq2seq, host_slots, evicted_to):
+    name = f"t5-evict-{evicted_to}"
+    eng = engine(seq2seq, name, policy="mlfq", max_batch_size=2, kv_slots=3, host_slots=host_slots,
+                 mlfq=MlfqSettings(base_quantum=2))
+    work = [(p, 8 + 5 * i) for i, p in enumerate(prompts(6, seed=7))]
+    seqs = run_all(eng, work)
+    for (source, n), seq in zip(work, seqs, strict=True):
+        ids = torch.tensor([source])
+        expected = seq2seq.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                    eos_token_id=None)[0, 1:].tolist()
+        assert seq.generated == expected and seq.prompt_tokens == len(source)
+    assert evictions(name, evicted_to) > 0
 
 
 def test_long_prompts_prefill_in_chunks_between_decode_steps(model):

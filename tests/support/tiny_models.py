@@ -1,13 +1,21 @@
-"""Small causal LMs built on the spot: a BPE tokenizer and a GPT-2 or Llama trained briefly on the
-stdlib docstrings (or left at random weights, for speed measurements), saved as a model folder the
-inference service loads (safetensors, config, generation config, tokenizer)."""
+"""Small language models built on the spot: a BPE tokenizer and a GPT-2 or Llama trained briefly on the
+stdlib docstrings (or left at random weights, for speed measurements), or a T5 trained briefly to copy
+snippets of them, saved as a model folder the inference service loads (safetensors, config,
+generation config, tokenizer)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 from services.preprocessing.stdlib_corpus import stdlib_documents
 from services.preprocessing.tokenizer_training import TokenizerSpec, save_tokenizer, train_tokenizer
@@ -56,3 +64,32 @@ def _train(model: torch.nn.Module, tokenizer, texts: list[str], steps: int, widt
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+
+
+def build_seq2seq(folder: Path, vocab: int = 512, steps: int = 250, seed: int = 0) -> Path:
+    """A two-layer T5 that has learnt a little of copying its input."""
+    torch.manual_seed(seed)
+    texts = [d["text"] for d in stdlib_documents(seed=seed, max_documents=1500)]
+    spec = TokenizerSpec("bpe", vocab)
+    tokenizer = train_tokenizer(spec, iter(texts), length=len(texts))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(tokenizer, spec, folder)
+    eos, pad = tokenizer.token_to_id("<|endoftext|>"), tokenizer.token_to_id("<pad>")
+    model = T5ForConditionalGeneration(T5Config(
+        vocab_size=tokenizer.get_vocab_size(), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+        num_heads=4, decoder_start_token_id=pad, pad_token_id=pad, eos_token_id=eos))
+    snippets = [e.ids[:24] for e in tokenizer.encode_batch(texts, add_special_tokens=False) if len(e.ids) >= 8]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        batch = [snippets[i] for i in torch.randint(len(snippets), (16,), generator=generator).tolist()]
+        width = max(map(len, batch)) + 1
+        source = torch.tensor([s + [pad] * (width - len(s)) for s in batch])
+        labels = torch.tensor([s + [eos] + [-100] * (width - len(s) - 1) for s in batch])
+        loss = model(input_ids=source, attention_mask=(source != pad).long(), labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval().save_pretrained(str(folder))
+    return folder
