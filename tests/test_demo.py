@@ -1,0 +1,24 @@
+"""`make demo` end to end, in its shortened plan: the real stack, every stage over gRPC, both models served."""
+
+from __future__ import annotations
+
+import math
+
+from shared.config import SERVICES, Config
+from shared.demo import DemoPlan, run_demo
+from shared.stack import Stack
+from tests.support.processes import free_port, port_open
+
+
+def test_the_demo_pipeline_runs_every_stage_and_serves_both_models(env, capsys):
+    config = Config.from_env({**env, **{f"FASTSERVE_{s.upper()}_PORT": str(free_port()) for s in SERVICES}})
+    figures = run_demo(config, DemoPlan.quick(), keep_running=False)
+    out = capsys.readouterr().out
+    assert [f"== {i}/6" in out for i in range(1, 7)] == [True] * 6 and "== summary" in out
+    assert math.isfinite(figures["gpt_loss"]) and figures["gpt_perplexity"] > 1
+    assert 0 < figures["majority"] < 1 and 0 <= figures["accuracy"] <= 1
+    assert figures["size_after"] < figures["size_before"]
+    assert len(figures["samples"]) == 3 and all(sample.strip() for sample in figures["samples"])
+    assert len(figures["labels"]) == 3 and figures["embedding_dim"] == 384
+    assert not any(port_open(config.port(s)) for s in SERVICES)  # keep_running=False took it down
+    assert all(row["state"] == "STOPPED" for row in Stack(config).status())
