@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from bench.report import result_line
 from fastserve.inference.v1 import inference_pb2 as pb
 from fastserve.inference.v1 import inference_pb2_grpc
 from shared.artifacts import ArtifactStore
-from tests.support.processes import Proc, free_port, spawn, wait_serving
+from tests.support.processes import start_inference
 from tests.support.tiny_models import build_causal_lm
 
 REQUESTS = 64
@@ -135,14 +134,10 @@ def main() -> None:
     vocab = AutoModelForCausalLM.from_pretrained(str(folder)).config.vocab_size
     work, tailed = workload(REQUESTS, vocab), heavy_tailed(JCT_REQUESTS, vocab)
 
-    port = free_port()
-    env = {"FASTSERVE_HOME": str(work_dir / "home"), "FASTSERVE_INFERENCE_PORT": str(port),
-           "FASTSERVE_INFERENCE_METRICS_PORT": "0", "FASTSERVE_LOG_LEVEL": "WARNING",
-           "FASTSERVE_REDIS_URL": "redis://127.0.0.1:1/0", "FASTSERVE_INFERENCE_MODELS": "none"}
-    server: Proc = spawn([sys.executable, "-m", "services.inference"], env, work_dir / "inference.log", port)
+    server = start_inference(work_dir / "home", work_dir / "inference.log", FASTSERVE_LOG_LEVEL="WARNING",
+                             FASTSERVE_INFERENCE_MODELS="none")
     try:
-        wait_serving(server, timeout=180)
-        target = f"127.0.0.1:{port}"
+        target = server.target
         with grpc.insecure_channel(target) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             for name, batch, policy in (("gpt", REQUESTS, pb.SCHEDULING_POLICY_FCFS),

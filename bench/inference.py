@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from bench.report import result_line
 from fastserve.inference.v1 import inference_pb2 as pb
 from fastserve.inference.v1 import inference_pb2_grpc
 from shared.model_refs import BUILTIN_MODELS
-from tests.support.processes import Proc, free_port, spawn, wait_serving
+from tests.support.processes import start_inference
 
 CLIENTS = 32
 BATCH = int(os.environ.get("BENCH_INFERENCE_BATCH", "32"))
@@ -94,15 +93,10 @@ def in_process(texts: list[str]) -> tuple[int, float, dict[int, float]]:
 
 
 def main() -> None:
-    port = free_port()
     work = Path(tempfile.mkdtemp(prefix="bench-inf-"))
-    env = {"FASTSERVE_HOME": str(work / "home"), "FASTSERVE_INFERENCE_PORT": str(port),
-           "FASTSERVE_INFERENCE_METRICS_PORT": "0", "FASTSERVE_LOG_LEVEL": "WARNING",
-           "FASTSERVE_REDIS_URL": "redis://127.0.0.1:1/0"}  # inference needs no Redis
-    server: Proc = spawn([sys.executable, "-m", "services.inference"], env, work / "inference.log", port)
+    server = start_inference(work / "home", work / "inference.log", FASTSERVE_LOG_LEVEL="WARNING")
     try:
-        wait_serving(server, timeout=180)
-        target = f"127.0.0.1:{port}"
+        target = server.target
         with grpc.insecure_channel(target) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             stub.LoadModel(pb.LoadModelRequest(name=f"{MODEL}-unbatched", model_uri=f"builtin://{MODEL}",

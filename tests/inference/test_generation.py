@@ -5,7 +5,6 @@ and the KServe v2 generation paths."""
 from __future__ import annotations
 
 import struct
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,10 +18,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from fastserve.inference.v1 import inference_pb2 as pb
 from fastserve.inference.v1 import inference_pb2_grpc
 from inference import grpc_service_pb2 as kpb
-from inference import grpc_service_pb2_grpc
 from shared.artifacts import ArtifactStore
 from tests.inference.test_service import field_of
-from tests.support.processes import free_port, spawn, wait_serving
+from tests.support.processes import start_inference
 from tests.support.tiny_models import build_causal_lm, build_seq2seq
 
 PROMPTS = ["Return the number of", "Create a new", "This module provides", "If the file", "x"]
@@ -43,11 +41,7 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(home, tmp_path_factory):
-    port = free_port()
-    env = {"FASTSERVE_HOME": str(home), "FASTSERVE_INFERENCE_PORT": str(port), "FASTSERVE_INFERENCE_METRICS_PORT": "0",
-           "FASTSERVE_REDIS_URL": "redis://127.0.0.1:1/0", "FASTSERVE_INFERENCE_MODELS": "none"}
-    proc = spawn([sys.executable, "-m", "services.inference"], env, tmp_path_factory.mktemp("l") / "inf.log", port)
-    wait_serving(proc, timeout=180)
+    proc = start_inference(home, tmp_path_factory.mktemp("l") / "inf.log", FASTSERVE_INFERENCE_MODELS="none")
     with grpc.insecure_channel(proc.target) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         for family in FAMILIES:
@@ -55,21 +49,6 @@ def server(home, tmp_path_factory):
     yield proc
     proc.stop()
 
-
-@pytest.fixture(scope="module")
-def channel(server):
-    with grpc.insecure_channel(server.target) as ch:
-        yield ch
-
-
-@pytest.fixture(scope="module")
-def stub(channel):
-    return inference_pb2_grpc.InferenceServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def kserve(channel):
-    return grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
 
 def load(stub, name: str, family: str = "gpt2", **config) -> None:

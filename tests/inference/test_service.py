@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import struct
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,12 +16,10 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from fastserve.inference.v1 import inference_pb2 as pb
-from fastserve.inference.v1 import inference_pb2_grpc
 from inference import grpc_service_pb2 as kpb
-from inference import grpc_service_pb2_grpc
 from shared.artifacts import ArtifactStore
 from shared.model_refs import BUILTIN_MODELS
-from tests.support.processes import free_port, spawn, wait_serving
+from tests.support.processes import start_inference
 
 MODEL = "all-MiniLM-L6-v2"
 TEXTS = ["FastServe batches requests on the accelerator.", "hello world", "Ünïcödé text, too!",
@@ -58,29 +55,10 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(home, tmp_path_factory):
-    port = free_port()
-    env = {"FASTSERVE_HOME": str(home), "FASTSERVE_INFERENCE_PORT": str(port), "FASTSERVE_INFERENCE_METRICS_PORT": "0",
-           "FASTSERVE_REDIS_URL": "redis://127.0.0.1:1/0", "HF_HUB_OFFLINE": "1"}
-    proc = spawn([sys.executable, "-m", "services.inference"], env, tmp_path_factory.mktemp("l") / "inf.log", port)
-    wait_serving(proc, timeout=180)
+    proc = start_inference(home, tmp_path_factory.mktemp("l") / "inf.log")
     yield proc
     proc.stop()
 
-
-@pytest.fixture(scope="module")
-def channel(server):
-    with grpc.insecure_channel(server.target) as ch:
-        yield ch
-
-
-@pytest.fixture(scope="module")
-def stub(channel):
-    return inference_pb2_grpc.InferenceServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def kserve(channel):
-    return grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
 
 @pytest.fixture(scope="module")
