@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,20 +23,28 @@ class _BearerToken(grpc.AuthMetadataPlugin):
 def open_channel(target: str, config: Config, client_cert: str = "", client_key: str = "") -> grpc.Channel:
     """A channel to `target`: TLS when the stack uses it (its certificate as the trusted root, so a
     self-signed one works), the bearer token on every call when one is configured."""
-    limit = config.max_message_mb * 1024 * 1024
-    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
-    if not config.tls_cert:
-        if config.auth_token:
+    return make_channel(target, token=config.auth_token, tls_ca=config.tls_cert, client_cert=client_cert,
+                        client_key=client_key, max_message_mb=config.max_message_mb)
+
+
+def make_channel(target: str, *, token: str = "", tls_ca: str = "", client_cert: str = "", client_key: str = "",
+                 max_message_mb: int = 64, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+    """A channel to `target`, TLS when `tls_ca` (a PEM file of trusted roots) is given, with
+    `authorization: Bearer <token>` on every call when `token` is."""
+    limit = max_message_mb * 1024 * 1024
+    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit), *options]
+    if not tls_ca:
+        if token:
             # gRPC refuses call credentials on insecure channels; send the header from an interceptor.
-            return grpc.intercept_channel(grpc.insecure_channel(target, options), _HeaderInterceptor(config.auth_token))
+            return grpc.intercept_channel(grpc.insecure_channel(target, options), _HeaderInterceptor(token))
         return grpc.insecure_channel(target, options)
     credentials = grpc.ssl_channel_credentials(
-        root_certificates=Path(config.tls_cert).read_bytes(),
+        root_certificates=Path(tls_ca).read_bytes(),
         private_key=Path(client_key).read_bytes() if client_key else None,
         certificate_chain=Path(client_cert).read_bytes() if client_cert else None)
-    if config.auth_token:
+    if token:
         credentials = grpc.composite_channel_credentials(
-            credentials, grpc.metadata_call_credentials(_BearerToken(config.auth_token)))
+            credentials, grpc.metadata_call_credentials(_BearerToken(token)))
     return grpc.secure_channel(target, credentials, options)
 
 

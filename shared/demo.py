@@ -73,8 +73,8 @@ def run_demo(config: Config, plan: DemoPlan = DemoPlan(), keep_running: bool = T
     if keep_running:
         print("\nThe stack is still running with stdlib-gpt and stdlib-topic served on "
               f"127.0.0.1:{config.port('inference')}. Try:\n"
-              "  fastserve generate stdlib-gpt 'Return the'\n"
-              "  fastserve classify stdlib-topic 'Open the file and read its lines.'\n"
+              "  fastserve generate 'Return the' --model stdlib-gpt\n"
+              "  fastserve classify 'Open the file and read its lines.' --model stdlib-topic\n"
               "Stop it with: make down")
     else:
         stack.down()

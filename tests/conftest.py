@@ -54,3 +54,12 @@ def log_dir(tmp_path: Path) -> Path:
     path = tmp_path / "logs"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt(tmp_path_factory) -> Path:
+    """A small GPT-2 at random weights with its BPE tokenizer: a generation model that loads in a moment."""
+    # Imported here so that torch and transformers load only in sessions that ask for a model.
+    from tests.support.tiny_models import build_causal_lm
+
+    return build_causal_lm(tmp_path_factory.mktemp("tiny-gpt") / "model", train_steps=0, documents=300, vocab=300)

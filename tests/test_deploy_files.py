@@ -17,8 +17,9 @@ import kubernetes_validate
 import pytest
 import yaml
 from celery import Celery
+from typer.main import get_command
 
-from shared.cli import build_parser
+from shared.cli import app
 from shared.config import JOB_SERVICES, SERVICES, Config, describe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +75,7 @@ def test_dockerfile_builds_in_stages_and_runs_as_non_root_with_a_grpc_health_che
     assert "HEALTHCHECK" in text and 'fastserve health --port "${SERVICE_PORT:-50054}"' in text
     # The health check's command exists as written.
     assert _pyproject()["project"]["scripts"]["fastserve"] == "shared.cli:main"
-    assert build_parser().parse_args(["health", "--port", "50054"]).port == 50054
+    assert get_command(app).commands["health"].make_context("health", ["--port", "50054"]).params["port"] == 50054
     for copied in ("pyproject.toml", "Makefile", "README.md", "proto", "shared", "services"):
         assert f"COPY {copied} " in text and (ROOT / copied).exists()
     ignored = (ROOT / ".dockerignore").read_text().split()
