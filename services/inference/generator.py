@@ -78,11 +78,8 @@ class Generator:
         self.vocab_size, self.encoder_decoder = decoder.vocab_size, decoder.encoder_decoder
         self.engine = Engine(name, decoder, settings, _eos_ids(folder), self.decode)
         self.context = self.engine.context
-        # The longest prompt, and what a prompt leaves of the window to generate into.
-        if decoder.encoder_decoder:
-            self.max_prompt, self.room = decoder.max_source, lambda prompt: self.context - 1
-        else:
-            self.max_prompt, self.room = self.context - 1, lambda prompt: self.context - len(prompt)
+        # An encoder's input has a window of its own; a decoder's prompt shares the window with the output.
+        self.max_prompt = decoder.max_source if decoder.encoder_decoder else self.context - 1
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -109,7 +106,7 @@ class Generator:
     def submit(self, request: GenerationRequest) -> Sequence:
         params = check_params(request.params)
         prompt = self.prompt_ids(request)
-        room = self.room(prompt)
+        room = self.context - (1 if self.encoder_decoder else len(prompt))  # the window left to generate into
         if not request.max_new_tokens_set:
             params = replace(params, max_new_tokens=min(params.max_new_tokens, room))
         elif params.max_new_tokens > room:
