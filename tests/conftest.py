@@ -63,3 +63,20 @@ def tiny_gpt(tmp_path_factory) -> Path:
     from tests.support.tiny_models import build_causal_lm
 
     return build_causal_lm(tmp_path_factory.mktemp("tiny-gpt") / "model", train_steps=0, documents=300, vocab=300)
+
+
+@pytest.fixture(scope="module")
+def gpt_server(tmp_path_factory, tiny_gpt):
+    """An inference server process: MiniLM served by default, `tiny-gpt` published in its store to load."""
+    import shutil
+
+    from shared.artifacts import ArtifactStore
+    from tests.support.processes import start_inference
+
+    home = tmp_path_factory.mktemp("gpt-server") / "home"
+    with ArtifactStore(home / "artifacts").publish("models", "tiny-gpt") as draft:
+        for item in tiny_gpt.iterdir():
+            shutil.copy(item, draft.path / item.name)
+    proc = start_inference(home, tmp_path_factory.mktemp("l") / "inf.log")
+    yield proc
+    proc.stop()

@@ -15,19 +15,11 @@ import pytest
 from shared.client import FastServeClient, sampling_params
 from shared.config import Config
 from tests.support import scripted
-from tests.support.processes import free_port, start_inference
-from tests.test_client import MINILM, publish_model
+from tests.support.processes import free_port
+from tests.test_client import MINILM
 
 FASTSERVE = Path(sys.executable).with_name("fastserve")
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_gpt):
-    home = tmp_path_factory.mktemp("cli") / "home"
-    publish_model(home, "tiny-gpt", tiny_gpt)
-    proc = start_inference(home, tmp_path_factory.mktemp("l") / "inf.log")
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +31,9 @@ def training(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fastserve(server, training, tmp_path_factory):
+def fastserve(gpt_server, training, tmp_path_factory):
     env = {**os.environ, "FASTSERVE_HOME": str(tmp_path_factory.mktemp("cli-home")),
-           "FASTSERVE_INFERENCE_PORT": str(server.port), "FASTSERVE_TRAINING_PORT": str(training.port)}
+           "FASTSERVE_INFERENCE_PORT": str(gpt_server.port), "FASTSERVE_TRAINING_PORT": str(training.port)}
 
     def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([str(FASTSERVE), *args], env=env, capture_output=True, text=True, timeout=timeout)
@@ -58,13 +50,13 @@ def test_models_list_json(fastserve):
     assert table.returncode == 0 and MINILM in table.stdout and "ready" in table.stdout
 
 
-def test_embed_prints_a_vector(fastserve, server):
+def test_embed_prints_a_vector(fastserve, gpt_server):
     result = fastserve("embed", "FastServe takes a model from raw text to an endpoint.")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 1
     vector = json.loads(lines[0])
-    with FastServeClient(ports={"inference": server.port}) as fs:
+    with FastServeClient(ports={"inference": gpt_server.port}) as fs:
         expected = fs.inference.embed(MINILM, ["FastServe takes a model from raw text to an endpoint."])
     assert vector == pytest.approx(list(expected.embeddings[0].values), abs=1e-6) and len(vector) == 384
 
@@ -85,14 +77,14 @@ def test_an_error_is_one_line_and_a_non_zero_exit(fastserve, args, start, field)
     assert "Traceback" not in result.stderr
 
 
-def test_load_generate_and_unload(fastserve, server):
+def test_load_generate_and_unload(fastserve, gpt_server):
     loaded = fastserve("models", "load", "gpt", "--uri", "artifact://models/tiny-gpt/1", "--json")
     assert loaded.returncode == 0, loaded.stderr
     assert json.loads(loaded.stdout)["state"] == "MODEL_STATE_READY"
     try:
         streamed = fastserve("generate", "Return the", "--model", "gpt", "--max-new-tokens", "12")
         assert streamed.returncode == 0, streamed.stderr
-        with FastServeClient(ports={"inference": server.port}) as fs:
+        with FastServeClient(ports={"inference": gpt_server.port}) as fs:
             expected = fs.inference.generate("gpt", "Return the", sampling_params(max_new_tokens=12)).text
         assert streamed.stdout == expected + "\n"
         whole = json.loads(fastserve("generate", "Return the", "--model", "gpt", "--max-new-tokens", "12",
@@ -118,7 +110,7 @@ def test_train_watch_follows_a_job_through_a_broken_stream(fastserve):
     assert missing.returncode == 1 and missing.stderr.startswith("NOT_FOUND: ") and missing.stdout == ""
 
 
-def test_health_as_the_container_check_runs_it(fastserve, server):
-    assert fastserve("health", "--port", str(server.port)).stdout.strip() == "SERVING"
+def test_health_as_the_container_check_runs_it(fastserve, gpt_server):
+    assert fastserve("health", "--port", str(gpt_server.port)).stdout.strip() == "SERVING"
     down = fastserve("health", "--port", str(free_port()))
     assert down.returncode == 1 and down.stdout.strip() == "UNREACHABLE"

@@ -5,43 +5,27 @@ built like the real ones."""
 from __future__ import annotations
 
 import math
-import shutil
 import threading
 import time
 
 import grpc
 import pytest
 
-from shared.artifacts import ArtifactStore
 from shared.client import ClientError, FastServeClient, RetryPolicy, sampling_params
 from shared.config import Config
 from tests.support import scripted
-from tests.support.processes import free_port, start_inference
+from tests.support.processes import free_port
 from tests.test_server_runtime import _certificate
 
 MINILM = "all-MiniLM-L6-v2"
 NO_JITTER = RetryPolicy(attempts=4, initial_backoff=0.1, multiplier=2.0, max_backoff=1.0, jitter=0.0)
 
 
-def publish_model(home, name: str, folder) -> str:
-    with ArtifactStore(home / "artifacts").publish("models", name) as draft:
-        for item in folder.iterdir():
-            shutil.copy(item, draft.path / item.name)
-    return draft.ref.uri
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_gpt):
-    home = tmp_path_factory.mktemp("client") / "home"
-    publish_model(home, "tiny-gpt", tiny_gpt)
-    proc = start_inference(home, tmp_path_factory.mktemp("l") / "inf.log")
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with FastServeClient(ports={"inference": server.port}) as fs:
+def client(gpt_server):
+    with FastServeClient(ports={"inference": gpt_server.port}) as fs:
         yield fs
 
 
