@@ -33,10 +33,6 @@ class BatchingSettings:
     max_queue_size: int = 1024  # queued requests
     instances: int = 1  # worker threads running batches
 
-    def describe(self) -> dict[str, Any]:
-        return {"enabled": self.enabled, "max_batch_size": self.max_batch_size,
-                "max_queue_delay_us": self.max_queue_delay_us, "max_queue_size": self.max_queue_size,
-                "instances": self.instances}
 
 
 @dataclass

@@ -35,17 +35,12 @@ class Decoder:
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         self.vocab_size = int(self.config.vocab_size)
 
-    kv_heads: list[int]
-    q_heads: list[int]
+    kv_heads: list[int]  # per layer (head-pruned layers differ)
     head_dim: int
     max_positions: int
     scales: list[float]
     encoder_decoder = False
     start_id: int | None = None  # the decoder's first token, for encoder-decoders
-
-    @property
-    def layers(self) -> int:
-        return len(self.kv_heads)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend, cross: Cross | None = None
                 ) -> torch.Tensor:
@@ -65,8 +60,7 @@ class Gpt2Decoder(Decoder):
         super().__init__(model)
         self.blocks = list(model.transformer.h)
         attns = [b.attn for b in self.blocks]
-        self.q_heads = [a.num_heads for a in attns]
-        self.kv_heads = list(self.q_heads)
+        self.kv_heads = [a.num_heads for a in attns]
         self.head_dim = attns[0].head_dim
         self.max_positions = int(self.config.n_positions)
         self.scales = [(a.head_dim ** -0.5 if a.scale_attn_weights else 1.0) /
@@ -91,7 +85,6 @@ class LlamaDecoder(Decoder):
         self.blocks = list(model.model.layers)
         c = self.config
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        self.q_heads = [c.num_attention_heads] * len(self.blocks)
         self.kv_heads = [c.num_key_value_heads] * len(self.blocks)
         self.max_positions = int(c.max_position_embeddings)
         self.scales = [self.head_dim ** -0.5] * len(self.blocks)
@@ -124,8 +117,7 @@ class T5Decoder(Decoder):
         c = self.config
         self.blocks = list(model.decoder.block)
         self.head_dim = c.d_kv
-        self.q_heads = [c.num_heads] * len(self.blocks)
-        self.kv_heads = list(self.q_heads)
+        self.kv_heads = [c.num_heads] * len(self.blocks)
         self.max_positions = 512  # relative positions set no window; this bounds the KV slots
         self.max_source = int(getattr(c, "n_positions", 512) or 512)
         self.scales = [1.0] * len(self.blocks)  # T5 does not scale q.k

@@ -59,10 +59,6 @@ class GenerationSettings:
     def slots(self) -> int:
         return self.kv_slots or self.max_batch_size * (2 if self.policy == "mlfq" else 1)
 
-    def describe(self) -> dict:
-        return {"policy": self.policy, "max_batch_size": self.max_batch_size, "kv_slots": self.slots(),
-                "context": self.context, "max_queue_size": self.max_queue_size,
-                "max_prefill_tokens": self.max_prefill_tokens}
 
 
 @dataclass(eq=False)

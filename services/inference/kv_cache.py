@@ -32,15 +32,6 @@ class KVCache:
         self.offloaded = 0  # sequences whose cache is in host memory now
         self.pin = device.type == "cuda"
 
-    @property
-    def bytes(self) -> int:
-        tensors = self.keys + self.values + self.cross_keys + self.cross_values
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    @property
-    def used(self) -> int:
-        return self.slots - len(self.free)
-
     def allocate(self) -> int | None:
         return heapq.heappop(self.free) if self.free else None
 

@@ -256,9 +256,3 @@ def _runner(backend: EncoderBackend):
 def _version_key(version: str) -> tuple[int, str]:
     return (int(version), "") if version.isdigit() else (-1, version)
 
-
-def describe(model: LoadedModel) -> dict[str, Any]:
-    return {"name": model.name, "version": model.version, "state": model.state.value, "error": model.error,
-            "uri": model.uri, "task": model.task, "backend": model.settings.backend,
-            "batching": model.settings.batching.describe(),
-            **({"generation": model.settings.generation.describe()} if model.task == "generation" else {})}
