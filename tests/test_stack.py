@@ -39,6 +39,7 @@ def test_up_status_down(env, tmp_path):
         rows = json.loads(status.stdout)
         assert status.returncode == 0 and {r["name"] for r in rows} == {*SERVICES, "worker"}
         pids = [r["pid"] for r in rows]
+        _cli_against_the_stack(env)
         assert _fastserve(env, "up").returncode == 0  # idempotent: already up
         assert [r["pid"] for r in json.loads(_fastserve(env, "status", "--json").stdout)] == pids
 
@@ -51,6 +52,20 @@ def test_up_status_down(env, tmp_path):
     finally:
         _fastserve(env, "down")
         bystander.kill()
+
+
+def _cli_against_the_stack(env) -> None:
+    """The service commands on the stack `up` started: a real job through the worker, JSON listings,
+    the served model, and an error as one line."""
+    job = _fastserve(env, "preprocess", "tokenizer", "--source", "stdlib-docstrings", "--max-documents", "200",
+                     "--vocab-size", "300", "--output", "cli-bpe", "--watch", "--json")
+    assert job.returncode == 0, job.stdout + job.stderr
+    jobs = json.loads(_fastserve(env, "preprocess", "list", "--json").stdout)
+    assert [j["state"] for j in jobs["jobs"]] == ["JOB_STATE_SUCCEEDED"]
+    assert "all-MiniLM-L6-v2" in _fastserve(env, "models", "list", "--json").stdout
+    missing = _fastserve(env, "train", "get", "no-such-job")
+    assert missing.returncode == 1 and missing.stderr.startswith("NOT_FOUND")
+    assert len(missing.stderr.strip().splitlines()) == 1 and "Traceback" not in missing.stderr
 
 
 def test_up_refuses_a_taken_port_with_a_clear_line(env):
