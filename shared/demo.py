@@ -22,7 +22,8 @@ from fastserve.preprocessing.v1 import preprocessing_pb2 as ppb
 from fastserve.preprocessing.v1 import preprocessing_pb2_grpc
 from fastserve.training.v1 import training_pb2 as tpb
 from fastserve.training.v1 import training_pb2_grpc
-from shared.channels import open_channel
+from shared.client import FastServeClient
+from shared.client.jobs import JobClient
 from shared.config import Config
 from shared.stack import Stack
 
@@ -84,44 +85,42 @@ def run_demo(config: Config, plan: DemoPlan = DemoPlan(), keep_running: bool = T
 def _pipeline(config: Config, plan: DemoPlan) -> dict:
     started = time.monotonic()
     summary, figures = Summary([]), {}
-    target = lambda service: f"127.0.0.1:{config.port(service)}"  # noqa: E731
-    with open_channel(target("preprocessing"), config) as pre_ch, open_channel(target("training"), config) as tr_ch, \
-            open_channel(target("optimization"), config) as opt_ch, open_channel(target("inference"), config) as inf_ch:
-        pre = preprocessing_pb2_grpc.PreprocessingServiceStub(pre_ch)
-        train = training_pb2_grpc.TrainingServiceStub(tr_ch)
-        opt = optimization_pb2_grpc.OptimizationServiceStub(opt_ch)
-        inf = inference_pb2_grpc.InferenceServiceStub(inf_ch)
+    with FastServeClient.from_config(config) as fs:
+        # The requests are built here in full; the client's channels carry them and follow the jobs.
+        pre = preprocessing_pb2_grpc.PreprocessingServiceStub(fs.channel("preprocessing"))
+        train = training_pb2_grpc.TrainingServiceStub(fs.channel("training"))
+        opt = optimization_pb2_grpc.OptimizationServiceStub(fs.channel("optimization"))
+        inf = inference_pb2_grpc.InferenceServiceStub(fs.channel("inference"))
 
         print("== 1/6 clean the stdlib docstrings", flush=True)
         stdlib = ppb.CorpusSource(builtin=ppb.BuiltinCorpus(name="stdlib-docstrings", seed=0,
                                                              max_documents=plan.documents))
-        clean = _wait(pre, pre.SubmitCleanJob(ppb.SubmitCleanJobRequest(
+        clean = _wait(fs.preprocessing, pre.SubmitCleanJob(ppb.SubmitCleanJobRequest(
             source=stdlib, output_name="stdlib-clean",
             steps=[ppb.CleanStep(name="nfkc"), ppb.CleanStep(name="collapse_whitespace"),
                    ppb.CleanStep(name="length_filter", options=_struct(min_chars=40)),
-                   ppb.CleanStep(name="dedup_exact")])).job, ppb)
+                   ppb.CleanStep(name="dedup_exact")])).job)
         corpus = ppb.CorpusSource(artifact_uri=clean["corpus_uri"])
         summary.add(f"corpus: {int(clean['documents_in'])} docstrings in, {int(clean['documents_out'])} kept")
 
         print("== 2/6 train a BPE tokenizer; build the datasets", flush=True)
-        tok = _wait(pre, pre.TrainTokenizer(ppb.TrainTokenizerRequest(
-            source=corpus, model=ppb.TOKENIZER_MODEL_BPE, vocab_size=plan.vocab_size, output_name="stdlib-bpe")).job,
-            ppb)
-        clm = _wait(pre, pre.BuildDataset(ppb.BuildDatasetRequest(
+        tok = _wait(fs.preprocessing, pre.TrainTokenizer(ppb.TrainTokenizerRequest(
+            source=corpus, model=ppb.TOKENIZER_MODEL_BPE, vocab_size=plan.vocab_size, output_name="stdlib-bpe")).job)
+        clm = _wait(fs.preprocessing, pre.BuildDataset(ppb.BuildDatasetRequest(
             source=corpus, tokenizer_uri=tok["tokenizer_uri"], task=ppb.DATASET_TASK_CAUSAL_LM, max_length=64,
-            splits=ppb.Splits(validation_fraction=0.05, seed=0), output_name="stdlib-clm")).job, ppb)
-        topics = _wait(pre, pre.BuildDataset(ppb.BuildDatasetRequest(
+            splits=ppb.Splits(validation_fraction=0.05, seed=0), output_name="stdlib-clm")).job)
+        topics = _wait(fs.preprocessing, pre.BuildDataset(ppb.BuildDatasetRequest(
             source=ppb.CorpusSource(builtin=ppb.BuiltinCorpus(name="stdlib-docstrings", seed=0, top_labels=4,
                                                               max_documents=plan.topic_documents)),
             tokenizer_uri=MINILM, task=ppb.DATASET_TASK_SEQUENCE_CLASSIFICATION, max_length=64,
-            splits=ppb.Splits(validation_fraction=0.2, seed=0), output_name="stdlib-topics")).job, ppb)
+            splits=ppb.Splits(validation_fraction=0.2, seed=0), output_name="stdlib-topics")).job)
         balance = {k: int(v) for k, v in topics["class_balance"]["validation"].items()}
         majority = max(balance.values()) / sum(balance.values())
         summary.add(f"tokenizer: BPE, {int(tok['vocab_size'])} tokens; causal-LM dataset: "
                     f"{int(clm['tokens'])} tokens; topics: {', '.join(sorted(balance))}")
 
         print("== 3/6 train a small GPT", flush=True)
-        gpt = _wait(train, train.SubmitTrainingJob(tpb.SubmitTrainingJobRequest(
+        gpt = _wait(fs.training, train.SubmitTrainingJob(tpb.SubmitTrainingJobRequest(
             model=tpb.ModelSpec(architecture=tpb.ArchitectureConfig(
                 family=tpb.ARCHITECTURE_FAMILY_GPT2, num_layers=plan.gpt_layers, hidden_size=plan.gpt_hidden,
                 num_heads=4, max_position_embeddings=256)),
@@ -129,26 +128,26 @@ def _pipeline(config: Config, plan: DemoPlan) -> dict:
             hyperparameters=tpb.Hyperparameters(learning_rate=3e-3, batch_size=16, max_steps=plan.gpt_steps,
                                                 warmup_steps=min(50, plan.gpt_steps // 4),
                                                 log_interval_steps=max(plan.gpt_steps // 10, 1),
-                                                eval_interval_steps=plan.gpt_steps, seed=0))).job, tpb)
+                                                eval_interval_steps=plan.gpt_steps, seed=0))).job)
         metrics = dict(gpt["metrics"])
         figures["gpt_loss"], figures["gpt_perplexity"] = metrics["loss"], metrics.get("eval_perplexity", 0.0)
         summary.add(f"stdlib-gpt: {int(gpt['parameters']) / 1e6:.1f}M parameters, {int(gpt['steps'])} steps, "
                     f"final loss {metrics['loss']:.2f}, validation perplexity {figures['gpt_perplexity']:.1f}")
 
         print("== 4/6 fine-tune all-MiniLM-L6-v2 as a classifier of stdlib modules", flush=True)
-        topic = _wait(train, train.SubmitTrainingJob(tpb.SubmitTrainingJobRequest(
+        topic = _wait(fs.training, train.SubmitTrainingJob(tpb.SubmitTrainingJobRequest(
             model=tpb.ModelSpec(pretrained_uri=MINILM), task=tpb.TRAINING_TASK_SEQUENCE_CLASSIFICATION,
             dataset_uri=topics["dataset_uri"], output_name="stdlib-topic-fp32",
             hyperparameters=tpb.Hyperparameters(learning_rate=1e-4, batch_size=16, epochs=plan.topic_epochs,
-                                                warmup_steps=10, log_interval_steps=10, seed=0))).job, tpb)
+                                                warmup_steps=10, log_interval_steps=10, seed=0))).job)
         figures["accuracy"], figures["majority"] = topic["metrics"]["eval_accuracy"], majority
         summary.add(f"stdlib-topic: accuracy {figures['accuracy']:.1%} against a majority baseline of {majority:.1%}")
 
         print("== 5/6 quantize the classifier (torchao int8 dynamic)", flush=True)
-        job = _submit_wait(opt, opt.SubmitOptimizationJob(opb.SubmitOptimizationJobRequest(
+        job = _submit_wait(fs.optimization, opt.SubmitOptimizationJob(opb.SubmitOptimizationJobRequest(
             model_uri=topic["model_uri"], target=opb.TARGET_CPU, eval_dataset_uri=topics["dataset_uri"],
             steps=[opb.OptimizationStep(quantize=opb.QuantizeStep(method=opb.QUANTIZATION_METHOD_INT8_DYNAMIC))],
-            quality_budget=opb.QualityBudget(max_relative_degradation=0.05), output_name="stdlib-topic")).job, opb)
+            quality_budget=opb.QualityBudget(max_relative_degradation=0.05), output_name="stdlib-topic")).job)
         report = opt.GetReport(opb.GetReportRequest(job_id=job.job_id), timeout=30).report
         b, a = report.before, report.after
         figures["size_before"], figures["size_after"] = b.size_bytes, a.size_bytes
@@ -192,20 +191,19 @@ def _struct(**values: float) -> struct_pb2.Struct:
     return struct
 
 
-def _submit_wait(stub, job: jobs_pb2.Job, pb) -> jobs_pb2.Job:
-    """Watch a job to its end, printing its progress; the final job, or RuntimeError if it did not succeed."""
+def _submit_wait(jobs: JobClient, job: jobs_pb2.Job) -> jobs_pb2.Job:
+    """Follow a job to its end, printing its progress; the final job, or RuntimeError if it did not succeed."""
     last = 0.0
-    for response in stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), timeout=3600):
-        data = dict(response.event.data)
+    for event in jobs.watch_job(job.job_id):
+        data = dict(event.data)
         if "loss" in data and time.monotonic() - last > 5:
             print(f"   step {int(data.get('step', 0))}: loss {data['loss']:.3f}", flush=True)
             last = time.monotonic()
-    final = stub.GetJob(pb.GetJobRequest(job_id=job.job_id), timeout=30).job
+    final = jobs.get_job(job.job_id)
     if final.state != jobs_pb2.JOB_STATE_SUCCEEDED:
         raise RuntimeError(f"job {job.job_id} ended {jobs_pb2.JobState.Name(final.state)}: {final.error}")
     return final
 
 
-def _wait(stub, job: jobs_pb2.Job, pb) -> struct_pb2.Struct:
-    return _submit_wait(stub, job, pb).result
-
+def _wait(jobs: JobClient, job: jobs_pb2.Job) -> struct_pb2.Struct:
+    return _submit_wait(jobs, job).result

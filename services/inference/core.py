@@ -107,11 +107,16 @@ class Inference:
                  bind: Callable[[Sequence], None] = lambda seq: None):
         """(model, text, token ids, finish reason, usage) of a whole completion."""
         model, seq = self.start_generation(name, version, request, bind)
+        return (model, *self.complete(model, seq, request.deadline))
+
+    @staticmethod
+    def complete(model: LoadedModel, seq: Sequence, deadline: float | None):
+        """Wait for a started generation: (text, token ids, finish reason, usage); counted in the statistics."""
         failed = True
         try:
-            result = model.backend.complete(seq, request.deadline)
+            result = model.backend.complete(seq, deadline)
             failed = False
-            return (model, *result)
+            return result
         finally:
             model.count(failed)
 

@@ -200,7 +200,7 @@ class Engine:
             if id(seq) not in chosen:
                 seq.waited += now - max(self.last_step, seq.arrival)
         self.last_step = now
-        self._observe_queues(ordered, batch)
+        self._observe_queues(ordered, chosen)
         if not batch:
             return
         start = time.perf_counter()
@@ -416,11 +416,10 @@ class Engine:
         seq.events.put(None)
         seq.done.set()
 
-    def _observe_queues(self, ordered: list[Sequence], batch: list[tuple[Sequence, int]]) -> None:
-        running = {id(s) for s, _ in batch}
+    def _observe_queues(self, ordered: list[Sequence], chosen: set[int]) -> None:
         per_level: dict[int, int] = {}
         for seq in ordered:
-            if id(seq) not in running:
+            if id(seq) not in chosen:
                 per_level[seq.level] = per_level.get(seq.level, 0) + 1
         for level, gauge in enumerate(self.metrics.queue_length):
             gauge.set(per_level.get(level, 0))
