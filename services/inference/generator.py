@@ -60,6 +60,7 @@ class Generator:
     def __init__(self, name: str, folder: Path, dtype: str, settings: GenerationSettings) -> None:
         if dtype not in DTYPES:
             raise InvalidArgument(f"dtype must be one of fp32, bf16, fp16, got {dtype!r}", field="config.dtype")
+        settings.check()
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if DTYPES[dtype] is torch.float16 and device.type == "cpu":
             raise FailedPrecondition("fp16 needs a GPU; use fp32 or bf16 on CPU")

@@ -45,6 +45,7 @@ def settings_from_proto(config: pb.ModelConfig) -> ModelSettings:
 
 def generation_settings(config: pb.ModelConfig) -> GenerationSettings:
     g, defaults, mlfq = config.generation, GenerationSettings(), MlfqSettings()
+    oldest_places = g.mlfq_oldest_places if g.HasField("mlfq_oldest_places") else mlfq.oldest_places
     return GenerationSettings(
         policy="mlfq" if config.scheduling == pb.SCHEDULING_POLICY_MLFQ else "fcfs",
         max_batch_size=config.batching.max_batch_size or defaults.max_batch_size,
@@ -52,7 +53,8 @@ def generation_settings(config: pb.ModelConfig) -> GenerationSettings:
         kv_slots=g.kv_slots, context=g.context, max_prefill_tokens=g.max_prefill_tokens or defaults.max_prefill_tokens,
         host_slots=g.host_slots if g.HasField("host_slots") else -1,
         mlfq=MlfqSettings(levels=g.mlfq_levels or mlfq.levels, base_quantum=g.mlfq_base_quantum or mlfq.base_quantum,
-                          starvation_ms=g.mlfq_starvation_ms or mlfq.starvation_ms))
+                          starvation_ms=g.mlfq_starvation_ms or mlfq.starvation_ms,
+                          oldest_places=oldest_places))
 
 
 def generation_request(request: pb.GenerateRequest | pb.GenerateStreamRequest,
@@ -110,7 +112,7 @@ def generation_status(model: LoadedModel, status: pb.ModelStatus) -> pb.ModelSta
     status.config.generation.CopyFrom(pb.GenerationConfig(
         kv_slots=engine.cache.slots, context=engine.context, max_prefill_tokens=g.max_prefill_tokens,
         host_slots=engine.cache.host_slots, mlfq_levels=g.mlfq.levels, mlfq_base_quantum=g.mlfq.base_quantum,
-        mlfq_starvation_ms=g.mlfq.starvation_ms))
+        mlfq_starvation_ms=g.mlfq.starvation_ms, mlfq_oldest_places=g.mlfq.oldest_places))
     return status
 
 

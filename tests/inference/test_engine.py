@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from services.inference.decoder import open_decoder
-from services.inference.engine import Engine, Finish, GenerationSettings, Sequence
+from services.inference.engine import Engine, Finish, GenerationSettings, Sequence, separate_decode_rows
 from services.inference.sampling import Sampler, SamplingParams
 from services.inference.scheduling import Mlfq, MlfqSettings
 from tests.support.tiny_models import build_causal_lm, build_seq2seq
@@ -101,6 +101,48 @@ def test_long_prompts_prefill_in_chunks_between_decode_steps(model):
     assert eng.stats.batch_sizes.get(2, 0) >= len(long) // 8
 
 
+def test_long_decode_rows_attend_on_their_own_when_cheaper():
+    # One 900-token sequence among short ones: a batched call would make every row pay for 900 keys.
+    assert separate_decode_rows([0, 1, 2, 3], [30, 900, 25, 40], call_cost=256) == [1]
+    # Similar lengths, or a launch as dear as a GPU's: one batched call.
+    assert separate_decode_rows([0, 1, 2, 3], [300, 310, 290, 305], call_cost=256) == []
+    assert separate_decode_rows([0, 1, 2, 3], [30, 900, 25, 40], call_cost=65536) == []
+    # A lone short row in a high slot: its own call beats a view over all the slots below it.
+    assert separate_decode_rows([0, 15], [500, 480], call_cost=256) == [0, 1]
+
+
+def test_decoding_is_exact_when_long_rows_attend_on_their_own(model):
+    long_prompt = prompts(1, seed=4)[0] * 6  # well over a hundred tokens
+    work = [(long_prompt, 30)] + [(p, 30) for p in prompts(3, seed=6)]
+    lengths = [len(p) + 1 for p, _ in work]
+    assert separate_decode_rows(list(range(len(work))), lengths, call_cost=256) == [0]
+    eng = engine(model, "alone", max_batch_size=4)
+    for (prompt, n), seq in zip(work, run_all(eng, work), strict=True):
+        assert seq.generated == reference(model, prompt, n)
+
+
+def test_the_oldest_sequence_keeps_its_place_in_every_step(model):
+    """MLFQ with two places: short jobs arriving behind a long one take one place; with a place kept
+    for the oldest, the long job runs every step and finishes before most of them, without it, it
+    waits for all of them (the starvation bound is far away)."""
+    def run(oldest_places: int) -> tuple[Sequence, list[Sequence]]:
+        eng = engine(model, f"oldest-{oldest_places}", policy="mlfq", max_batch_size=2,
+                     mlfq=MlfqSettings(base_quantum=2, starvation_ms=60000, oldest_places=oldest_places))
+        long = eng.submit(prompts(1)[0], SamplingParams(max_new_tokens=60))
+        while len(long.generated) < 10:  # used up its first quanta: demoted to level 2
+            time.sleep(0.001)
+        shorts = [eng.submit(p, SamplingParams(max_new_tokens=6)) for p in prompts(40, seed=5)]
+        for seq in [long, *shorts]:
+            assert seq.done.wait(60)
+        eng.drain()
+        return long, shorts
+
+    long, shorts = run(oldest_places=1)
+    assert long.preemptions == 0 and sum(s.finished < long.finished for s in shorts) < 30
+    long, shorts = run(oldest_places=0)
+    assert long.preemptions > 0 and all(s.finished < long.finished for s in shorts)
+
+
 def test_an_eos_token_ends_the_sequence_without_being_returned(model):
     prompt = prompts(1, seed=3)[0]
     expected = reference(model, prompt, 20)
@@ -143,3 +185,16 @@ def test_mlfq_levels_skip_join_demotion_and_promotion():
     assert policy.key(short) < policy.key(medium)  # the same level now: the earlier arrival first
     huge.waited = 0.2
     assert policy.promote([short, medium, huge]) == 1 and huge.level == 0 and huge.waited == 0
+
+
+def test_mlfq_order_puts_the_oldest_first_only_when_the_batch_is_full():
+    policy = Mlfq(MlfqSettings(base_quantum=4, oldest_places=1))
+    seqs = []
+    for order in range(4):
+        s = Sequence([1, 2, 3], Sampler(SamplingParams()), 0, None, order=order)
+        policy.enter(s)
+        seqs.append(s)
+    seqs[0].level = 3  # the oldest has been demoted
+    assert policy.order(seqs, batch_size=4) == [seqs[1], seqs[2], seqs[3], seqs[0]]  # all run anyway
+    assert policy.order(seqs, batch_size=2) == [seqs[0], seqs[1], seqs[2], seqs[3]]
+    assert policy.order(seqs, batch_size=1) == [seqs[1], seqs[2], seqs[3], seqs[0]]  # never the only place

@@ -222,6 +222,19 @@ def test_bad_sampling_parameters_are_invalid_arguments(stub, sampling, field):
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_of(error.value) == field
 
 
+@pytest.mark.parametrize("generation,field", [
+    (pb.GenerationConfig(mlfq_oldest_places=-1), "config.generation.mlfq_oldest_places"),
+    (pb.GenerationConfig(kv_slots=-2), "config.generation.kv_slots"),
+    (pb.GenerationConfig(mlfq_levels=-1), "config.generation.mlfq_levels"),
+])
+def test_bad_generation_settings_are_refused_when_loading(stub, generation, field):
+    with pytest.raises(grpc.RpcError) as error:
+        load(stub, "bad-settings", scheduling=pb.SCHEDULING_POLICY_MLFQ, generation=generation)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_of(error.value) == field
+    models = stub.ListModels(pb.ListModelsRequest()).models
+    assert all(m.state != pb.MODEL_STATE_READY for m in models if m.name == "bad-settings")
+
+
 def test_bad_prompts_are_refused_and_the_server_stays_up(stub):
     cases = [(pb.GenerateRequest(model="gpt2", text="word " * 600), grpc.StatusCode.INVALID_ARGUMENT, "text"),
              (pb.GenerateRequest(model="gpt2", text=""), grpc.StatusCode.INVALID_ARGUMENT, "text"),
