@@ -27,7 +27,7 @@ from services.optimization import export, measure, prune, quantize
 from shared import job_queue
 from shared.artifacts import check_name
 from shared.datasets import DatasetReader
-from shared.errors import FailedPrecondition, InvalidArgument
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.jobs import Job
 from shared.model_refs import resolve_dir
 from shared.stores import Stores
@@ -40,6 +40,7 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "sentence_bert_config.json", "generation_config.json")
 BATCHED = 32
 PARITY_TEXTS = ["FastServe exports models to ONNX.", "A second, somewhat longer sentence checks padding too."]
+DEFAULT_BUDGET = 0.02  # relative quality loss accepted when the request sets none
 
 
 def model_kind(folder: Path) -> str:
@@ -141,8 +142,7 @@ class Optimization:
             before = self._measure(Stage(source, onnx=False), kind, evaluation, reference=None)
             after = self._measure(stage, kind, evaluation, reference=evaluation.get("reference"))
             degradation = _degradation(before, after)
-            budget = params.get("max_relative_degradation", 0.0)
-            within = not budget or degradation <= budget
+            within = degradation <= (params.get("max_relative_degradation") or DEFAULT_BUDGET)
             promoted = within or bool(params.get("force_promote"))
             progress((len(steps) + 1) / (len(steps) + 2), "publishing")
             report = {"job_id": job_id, "source_model_uri": params["model_uri"], "steps": steps, "before": before,
@@ -163,7 +163,10 @@ class Optimization:
             shutil.rmtree(work, ignore_errors=True)
 
     def report(self, job_id: str) -> dict[str, Any]:
-        artifact = self.stores.artifacts.resolve(f"artifact://reports/optimization-{job_id}/1")
+        try:
+            artifact = self.stores.artifacts.resolve(f"artifact://reports/optimization-{job_id}/1")
+        except NotFound:
+            raise FailedPrecondition(f"job {job_id} has no report: it has not succeeded") from None
         return artifact.manifest["metadata"]["report"]
 
     def _apply(self, step: dict[str, Any], stage: Stage, kind: str, out: Path, target: str) -> Stage:
@@ -318,8 +321,8 @@ def _parameters(stage: Stage) -> int:
 
 
 def _degradation(before: dict[str, Any], after: dict[str, Any]) -> float:
-    """How much worse the quality got, as a fraction (0 = no worse)."""
+    """How much worse the quality got, as a fraction (negative: it got better)."""
     metric, b, a = after.get("quality_metric"), before.get("quality", 0.0), after.get("quality", 0.0)
     if metric == "perplexity":
-        return max((a - b) / b, 0.0) if b else 0.0
-    return max((b - a) / b, 0.0) if b else 0.0
+        return (a - b) / b if b else 0.0
+    return (b - a) / b if b else 0.0

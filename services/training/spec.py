@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from shared.artifacts import check_name
 from shared.errors import InvalidArgument
 
@@ -102,7 +104,7 @@ class TrainingSpec:
         return cls(task=params.get("task", ""), dataset_uri=params.get("dataset_uri", ""),
                    output_name=params.get("output_name", ""), hyper=hyper, architecture=architecture,
                    pretrained_uri=pretrained, tokenizer_uri=params.get("tokenizer_uri", ""),
-                   num_processes=int(params.get("num_processes") or 1))
+                   num_processes=int(params.get("num_processes") or default_processes()))
 
     def check(self) -> None:
         """Refuse what cannot run; every message names the request field."""
@@ -118,7 +120,13 @@ class TrainingSpec:
             _check_architecture(self.architecture, self.task)
         _check_hyper(self.hyper)
         if not 1 <= self.num_processes <= 64:
-            raise InvalidArgument("num_processes must be in [1, 64] (0 means 1)", field="num_processes")
+            raise InvalidArgument("num_processes must be in [1, 64] (0 means one per visible GPU, or 1 on CPU)",
+                                  field="num_processes")
+
+
+def default_processes() -> int:
+    """What num_processes 0 asks for, on the machine that runs the job: one per visible GPU, else 1."""
+    return torch.cuda.device_count() or 1
 
 
 def _check_architecture(a: Architecture, task: str) -> None:

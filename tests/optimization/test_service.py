@@ -78,7 +78,8 @@ def test_quality_budget_keeps_a_bad_result_unless_forced(svc):
 def test_torchao_int8_model_loads_in_the_inference_backend(svc):
     stub, stores = svc
     int8 = pb.OptimizationStep(quantize=pb.QuantizeStep(method=pb.QUANTIZATION_METHOD_INT8_DYNAMIC))
-    job = run(stub, model_uri=MINILM, steps=[int8], output_name="minilm-torchao")
+    job = run(stub, model_uri=MINILM, steps=[int8], output_name="minilm-torchao",
+              quality_budget=pb.QualityBudget(max_relative_degradation=0.05))
     assert job.state == S.JOB_STATE_SUCCEEDED, job.error
     report = stub.GetReport(pb.GetReportRequest(job_id=job.job_id)).report
     assert report.after.backend == "pytorch" and report.after.quality > 0.95
@@ -97,6 +98,9 @@ def test_cancelled_job_registers_nothing(svc):
         pass
     assert stub.GetJob(pb.GetJobRequest(job_id=job.job_id)).job.state == S.JOB_STATE_CANCELLED
     assert stores.artifacts.versions("models", "never") == []
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetReport(pb.GetReportRequest(job_id=job.job_id))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
 def _field(error) -> str:
