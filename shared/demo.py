@@ -1,8 +1,8 @@
 """`make demo`: the whole FastServe story against the local stack, over gRPC, in about 7 minutes on 2 cores.
 
 Clean the stdlib docstrings, train a BPE tokenizer, build a causal-LM and a topic dataset, train a
-small GPT and fine-tune all-MiniLM-L6-v2 as a classifier of stdlib modules, quantize the classifier,
-serve both (`stdlib-gpt` for generation, `stdlib-topic` for classification), then generate,
+small GPT and fine-tune all-MiniLM-L6-v2 as a classifier of stdlib modules, export the classifier to
+ONNX and quantize it (int8), serve both (`stdlib-gpt` for generation, `stdlib-topic` for classification), then generate,
 classify and embed, and print a summary. The stack stays up afterwards so the models can be tried.
 """
 
@@ -143,15 +143,19 @@ def _pipeline(config: Config, plan: DemoPlan) -> dict:
         figures["accuracy"], figures["majority"] = topic["metrics"]["eval_accuracy"], majority
         summary.add(f"stdlib-topic: accuracy {figures['accuracy']:.1%} against a majority baseline of {majority:.1%}")
 
-        print("== 5/6 quantize the classifier (torchao int8 dynamic)", flush=True)
+        print("== 5/6 export the classifier to ONNX and quantize it (ONNX Runtime int8 dynamic)", flush=True)
         job = _submit_wait(fs.optimization, opt.SubmitOptimizationJob(opb.SubmitOptimizationJobRequest(
             model_uri=topic["model_uri"], target=opb.TARGET_CPU, eval_dataset_uri=topics["dataset_uri"],
-            steps=[opb.OptimizationStep(quantize=opb.QuantizeStep(method=opb.QUANTIZATION_METHOD_INT8_DYNAMIC))],
+            steps=[opb.OptimizationStep(export=opb.ExportStep(format=opb.EXPORT_FORMAT_ONNX)),
+                   opb.OptimizationStep(quantize=opb.QuantizeStep(
+                       method=opb.QUANTIZATION_METHOD_ONNX_INT8_DYNAMIC))],
             quality_budget=opb.QualityBudget(max_relative_degradation=0.05), output_name="stdlib-topic")).job)
         report = opt.GetReport(opb.GetReportRequest(job_id=job.job_id), timeout=30).report
         b, a = report.before, report.after
         figures["size_before"], figures["size_after"] = b.size_bytes, a.size_bytes
-        summary.add(f"optimization: {b.size_bytes / 1e6:.1f} MB -> {a.size_bytes / 1e6:.1f} MB, batch-1 latency "
+        figures["backend_after"], figures["promoted"] = a.backend, report.promoted
+        summary.add(f"optimization: {b.backend} {b.size_bytes / 1e6:.1f} MB -> {a.backend} int8 "
+                    f"{a.size_bytes / 1e6:.1f} MB, batch-1 latency "
                     f"{b.latency_ms_batch1:.1f} -> {a.latency_ms_batch1:.1f} ms, accuracy {b.quality:.1%} -> "
                     f"{a.quality:.1%} ({'promoted' if report.promoted else 'kept out: over the quality budget'})")
         topic_uri = report.result.uri if report.promoted else topic["model_uri"]
@@ -162,6 +166,7 @@ def _pipeline(config: Config, plan: DemoPlan) -> dict:
             batching=ipb.BatchingConfig(max_batch_size=16))), timeout=300)
         inf.LoadModel(ipb.LoadModelRequest(name="stdlib-topic", model_uri=topic_uri, config=ipb.ModelConfig(
             task=ipb.MODEL_TASK_SEQUENCE_CLASSIFICATION,
+            backend=ipb.BACKEND_ONNXRUNTIME if report.promoted else ipb.BACKEND_PYTORCH,
             batching=ipb.BatchingConfig(enabled=True))), timeout=300)
         figures["samples"] = []
         for prompt in SAMPLE_PROMPTS:

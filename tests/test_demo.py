@@ -17,7 +17,7 @@ def test_the_demo_pipeline_runs_every_stage_and_serves_both_models(env, capsys):
     assert [f"== {i}/6" in out for i in range(1, 7)] == [True] * 6 and "== summary" in out
     assert math.isfinite(figures["gpt_loss"]) and figures["gpt_perplexity"] > 1
     assert 0 < figures["majority"] < 1 and 0 <= figures["accuracy"] <= 1
-    assert figures["size_after"] < figures["size_before"]
+    assert figures["size_after"] < figures["size_before"] and figures["backend_after"] == "onnxruntime"
     assert len(figures["samples"]) == 3 and all(sample.strip() for sample in figures["samples"])
     assert len(figures["labels"]) == 3 and figures["embedding_dim"] == 384
     assert not any(port_open(config.port(s)) for s in SERVICES)  # keep_running=False took it down

@@ -218,22 +218,28 @@ def _prepare_for_int8(source: Path, tmp: Path) -> tuple[Path, list[str]]:
     """Smooth the LayerNorm outliers and pick the MatMuls to leave in fp32; returns the graph to quantize and
     the node names to exclude."""
     model = onnx.load(str(source))
+    # The quantizer turns Gemm(transB=1) into MatMul by transposing the weight in place; a shape recorded
+    # for that weight by pre-processing would then contradict it (a classifier head: "384 vs 4").
+    inits = {t.name for t in model.graph.initializer}
+    kept = [vi for vi in model.graph.value_info if vi.name not in inits]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+    prepared, excluded = tmp / "prepared.onnx", []
     feeds = _calibration_feeds(model, source)
     groups = _matmul_groups(model)
     if not feeds or not groups:
         log.info("int8: no calibration possible for %s (no tokenizer beside it or unusual inputs); "
                  "quantizing without smoothing", source.name)
-        return source, []
-    try:
-        stats = _activation_stats(source, list(groups), feeds, tmp)
-    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own Exception subclasses; plain int8 still works
-        log.warning("int8: calibration of %s failed (%s); quantizing without smoothing", source.name, exc)
-        return source, []
-    smoothed = _smooth(model, groups, stats)
-    excluded = _spiky_matmuls(model, groups, set(smoothed), stats)
-    log.info("int8: smoothed %d LayerNorm outputs, kept %d MatMuls in fp32: %s", len(smoothed), len(excluded),
-             excluded)
-    prepared = tmp / "smoothed.onnx"
+    else:
+        try:
+            stats = _activation_stats(source, list(groups), feeds, tmp)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own Exception subclasses; plain int8 works
+            log.warning("int8: calibration of %s failed (%s); quantizing without smoothing", source.name, exc)
+        else:
+            smoothed = _smooth(model, groups, stats)
+            excluded = _spiky_matmuls(model, groups, set(smoothed), stats)
+            log.info("int8: smoothed %d LayerNorm outputs, kept %d MatMuls in fp32: %s", len(smoothed),
+                     len(excluded), excluded)
     _save(model, prepared)
     return prepared, excluded
 

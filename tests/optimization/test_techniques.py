@@ -292,6 +292,14 @@ def test_classifier_export_outputs_logits_matching_pytorch(tmp_path):
     assert [o.name for o in session.get_outputs()] == ["logits"] and session.get_outputs()[0].shape[1] == 3
     ids = np.random.default_rng(2).integers(5, VOCAB, (3, 12))
     assert export.parity(tmp_path / "cls", onnx_path, "classifier", ids) < 1e-4
+    # The head is a Gemm whose weight the int8 quantizer transposes: it must still quantize and run.
+    int8 = quantize.quantize_onnx_int8_dynamic(onnx_path, tmp_path / "int8" / "model.onnx")
+    assert any(node.op_type == "MatMulInteger" for node in onnx.load(str(int8)).graph.node)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    feed = {i.name: feed[i.name] for i in session.get_inputs()}
+    fp32_logits, int8_logits = session.run(None, feed)[0], cpu_session(int8).run(None, feed)[0]
+    assert int8_logits.shape == fp32_logits.shape == (3, 3)
+    assert np.abs(int8_logits - fp32_logits).max() < 0.1 * np.abs(fp32_logits).max() + 1e-3
 
 
 def test_parity_rejects_unknown_kind(minilm_dir, minilm_onnx):
