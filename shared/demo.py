@@ -1,4 +1,4 @@
-"""`make demo`: the whole FastServe story against the local stack, over gRPC, in about 7 minutes on 2 cores.
+"""`make demo`: the whole FastServe story against the local stack, over gRPC, in about 5 minutes on 2 cores.
 
 Clean the stdlib docstrings, train a BPE tokenizer, build a causal-LM and a topic dataset, train a
 small GPT and fine-tune all-MiniLM-L6-v2 as a classifier of stdlib modules, export the classifier to
