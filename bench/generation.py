@@ -10,7 +10,8 @@ sent to one inference server process as gRPC calls from this process, against
 Job completion time: a heavy-tailed workload (output lengths 8 * (1 + Pareto(1.1)), capped at 900
 tokens: half the requests want at most 15 tokens, 1% want over 700) arriving as a Poisson process at
 the same offered load (BENCH_GEN_LOAD, default 1.0, of the engine's capacity at batch 8 measured
-first) for FCFS and for MLFQ, each request's JCT measured by its client.
+first) for FCFS and for MLFQ, each request's JCT measured by its client. MLFQ without the place it keeps
+for the oldest sequence runs too, for information: it shows what that place does to the tail.
 
 The model is a GPT-2 of 4 layers, 256 wide, vocabulary 8192 (the shape of the reference anchor),
 at random weights: speed does not depend on their values. The device is chosen automatically.
@@ -140,12 +141,16 @@ def main() -> None:
         target = server.target
         with grpc.insecure_channel(target) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
-            for name, batch, policy in (("gpt", REQUESTS, pb.SCHEDULING_POLICY_FCFS),
-                                        ("gpt-fcfs", JCT_BATCH, pb.SCHEDULING_POLICY_FCFS),
-                                        ("gpt-mlfq", JCT_BATCH, pb.SCHEDULING_POLICY_MLFQ)):
+            for name, batch, policy, generation in (
+                    ("gpt", REQUESTS, pb.SCHEDULING_POLICY_FCFS, None),
+                    ("gpt-fcfs", JCT_BATCH, pb.SCHEDULING_POLICY_FCFS, None),
+                    ("gpt-mlfq", JCT_BATCH, pb.SCHEDULING_POLICY_MLFQ, None),
+                    ("gpt-mlfq-no-oldest-place", JCT_BATCH, pb.SCHEDULING_POLICY_MLFQ,
+                     pb.GenerationConfig(mlfq_oldest_places=0))):
                 stub.LoadModel(pb.LoadModelRequest(name=name, model_uri="artifact://models/bench-gpt/1",
                                                    config=pb.ModelConfig(
-                                                       scheduling=policy, batching=pb.BatchingConfig(
+                                                       scheduling=policy, generation=generation,
+                                                       batching=pb.BatchingConfig(
                                                            max_batch_size=batch, max_queue_size=4096))))
         asyncio.run(closed_burst(target, "gpt", work[:16]))  # warm-up
         seconds, tokens = asyncio.run(closed_burst(target, "gpt", work))
@@ -156,7 +161,7 @@ def main() -> None:
         mean_tokens = statistics.mean(n for _, n in tailed)
         rate = LOAD * (cal_tokens / cal_seconds) / mean_tokens
         jct = {policy: np.array(asyncio.run(poisson(target, f"gpt-{policy}", tailed, rate)))
-               for policy in ("fcfs", "mlfq")}
+               for policy in ("fcfs", "mlfq", "mlfq-no-oldest-place")}
     finally:
         server.stop()
 
