@@ -126,21 +126,27 @@ def test_the_oldest_sequence_keeps_its_place_in_every_step(model):
     for the oldest, the long job runs every step and finishes before most of them, without it, it
     waits for all of them (the starvation bound is far away)."""
     def run(oldest_places: int) -> tuple[Sequence, list[Sequence]]:
-        eng = engine(model, f"oldest-{oldest_places}", policy="mlfq", max_batch_size=2,
-                     mlfq=MlfqSettings(base_quantum=2, starvation_ms=60000, oldest_places=oldest_places))
-        long = eng.submit(prompts(1)[0], SamplingParams(max_new_tokens=60))
-        while len(long.generated) < 10:  # used up its first quanta: demoted to level 2
-            time.sleep(0.001)
-        shorts = [eng.submit(p, SamplingParams(max_new_tokens=6)) for p in prompts(40, seed=5)]
-        for seq in [long, *shorts]:
-            assert seq.done.wait(60)
-        eng.drain()
-        return long, shorts
+        settings = MlfqSettings(base_quantum=2, starvation_ms=60000, oldest_places=oldest_places)
+        return long_job_then_shorts(engine(model, f"oldest-{oldest_places}", policy="mlfq", max_batch_size=2,
+                                           mlfq=settings), long_tokens=60, shorts=40)
 
     long, shorts = run(oldest_places=1)
     assert long.preemptions == 0 and sum(s.finished < long.finished for s in shorts) < 30
     long, shorts = run(oldest_places=0)
     assert long.preemptions > 0 and all(s.finished < long.finished for s in shorts)
+
+
+def long_job_then_shorts(eng: Engine, long_tokens: int, shorts: int) -> tuple[Sequence, list[Sequence]]:
+    """A long job that has used up its first quanta (base quantum 2: demoted to level 2), then a burst
+    of 6-token jobs; both, once all have finished."""
+    long = eng.submit(prompts(1)[0], SamplingParams(max_new_tokens=long_tokens))
+    while len(long.generated) < 10:
+        time.sleep(0.001)
+    burst = [eng.submit(p, SamplingParams(max_new_tokens=6)) for p in prompts(shorts, seed=5)]
+    for seq in [long, *burst]:
+        assert seq.done.wait(60)
+    eng.drain()
+    return long, burst
 
 
 def test_an_eos_token_ends_the_sequence_without_being_returned(model):
@@ -158,13 +164,7 @@ def test_a_starving_job_is_promoted_after_its_wait_bound(model):
     def finish_rank(starvation_ms: int) -> int:
         eng = engine(model, f"starve-{starvation_ms}", policy="mlfq", max_batch_size=1,
                      mlfq=MlfqSettings(base_quantum=2, starvation_ms=starvation_ms))
-        long = eng.submit(prompts(1)[0], SamplingParams(max_new_tokens=24))
-        while len(long.generated) < 10:  # used up its first quanta: demoted to level 2
-            time.sleep(0.001)
-        shorts = [eng.submit(p, SamplingParams(max_new_tokens=6)) for p in prompts(150, seed=5)]
-        for seq in [long, *shorts]:
-            assert seq.done.wait(60)
-        eng.drain()
+        long, shorts = long_job_then_shorts(eng, long_tokens=24, shorts=150)
         return sum(s.finished < long.finished for s in shorts)
 
     assert finish_rank(starvation_ms=60000) == 150
