@@ -29,7 +29,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from bench.report import result_line
 from fastserve.inference.v1 import inference_pb2 as pb
@@ -132,7 +132,7 @@ def main() -> None:
         build_causal_lm(draft.path, hidden=256, layers=4, heads=4, vocab=8192, positions=1024, train_steps=0,
                         documents=3000, eos=False)
     folder = store.resolve("artifact://models/bench-gpt/1").path
-    vocab = AutoModelForCausalLM.from_pretrained(str(folder)).config.vocab_size
+    vocab = AutoConfig.from_pretrained(str(folder)).vocab_size
     work, tailed = workload(REQUESTS, vocab), heavy_tailed(JCT_REQUESTS, vocab)
 
     server = start_inference(work_dir / "home", work_dir / "inference.log", FASTSERVE_LOG_LEVEL="WARNING",

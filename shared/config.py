@@ -101,6 +101,11 @@ class Config:
         config = cls(**values)
         return dataclasses.replace(config, home=Path(os.path.expanduser(str(config.home))))
 
+    @property
+    def client_host(self) -> str:
+        """Where a client on this machine reaches the servers: a wildcard bind is reached on loopback."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+
     def port(self, service: str) -> int:
         """The gRPC port of `service`."""
         return int(getattr(self, f"{_known(service)}_port"))

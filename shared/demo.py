@@ -24,6 +24,7 @@ from fastserve.training.v1 import training_pb2 as tpb
 from fastserve.training.v1 import training_pb2_grpc
 from shared.client import FastServeClient
 from shared.client.jobs import JobClient
+from shared.common_protos import struct
 from shared.config import Config
 from shared.stack import Stack
 
@@ -67,18 +68,15 @@ def run_demo(config: Config, plan: DemoPlan = DemoPlan(), keep_running: bool = T
     stack.up()
     try:
         figures = _pipeline(config, plan)
-    except BaseException:
+    finally:
         if not keep_running:
             stack.down()
-        raise
     if keep_running:
         print("\nThe stack is still running with stdlib-gpt and stdlib-topic served on "
               f"127.0.0.1:{config.port('inference')}. Try:\n"
               "  fastserve generate 'Return the' --model stdlib-gpt\n"
               "  fastserve classify 'Open the file and read its lines.' --model stdlib-topic\n"
               "Stop it with: make down")
-    else:
-        stack.down()
     return figures
 
 
@@ -98,7 +96,7 @@ def _pipeline(config: Config, plan: DemoPlan) -> dict:
         clean = _wait(fs.preprocessing, pre.SubmitCleanJob(ppb.SubmitCleanJobRequest(
             source=stdlib, output_name="stdlib-clean",
             steps=[ppb.CleanStep(name="nfkc"), ppb.CleanStep(name="collapse_whitespace"),
-                   ppb.CleanStep(name="length_filter", options=_struct(min_chars=40)),
+                   ppb.CleanStep(name="length_filter", options=struct({"min_chars": 40})),
                    ppb.CleanStep(name="dedup_exact")])).job)
         corpus = ppb.CorpusSource(artifact_uri=clean["corpus_uri"])
         summary.add(f"corpus: {int(clean['documents_in'])} docstrings in, {int(clean['documents_out'])} kept")
@@ -153,7 +151,7 @@ def _pipeline(config: Config, plan: DemoPlan) -> dict:
         report = opt.GetReport(opb.GetReportRequest(job_id=job.job_id), timeout=30).report
         b, a = report.before, report.after
         figures["size_before"], figures["size_after"] = b.size_bytes, a.size_bytes
-        figures["backend_after"], figures["promoted"] = a.backend, report.promoted
+        figures["backend_after"] = a.backend
         summary.add(f"optimization: {b.backend} {b.size_bytes / 1e6:.1f} MB -> {a.backend} int8 "
                     f"{a.size_bytes / 1e6:.1f} MB, batch-1 latency "
                     f"{b.latency_ms_batch1:.1f} -> {a.latency_ms_batch1:.1f} ms, accuracy {b.quality:.1%} -> "
@@ -186,25 +184,22 @@ def _pipeline(config: Config, plan: DemoPlan) -> dict:
     print(f"\n== summary ({minutes:.1f} min)")
     for line in summary.lines:
         print(f"   {line}")
-    figures["minutes"] = minutes
     return figures
 
 
-def _struct(**values: float) -> struct_pb2.Struct:
-    struct = struct_pb2.Struct()
-    struct.update(values)
-    return struct
-
-
 def _submit_wait(jobs: JobClient, job: jobs_pb2.Job) -> jobs_pb2.Job:
-    """Follow a job to its end, printing its progress; the final job, or RuntimeError if it did not succeed."""
+    """Follow a job to its end, printing its loss now and then; the final job, or RuntimeError if it did not
+    succeed."""
     last = 0.0
-    for event in jobs.watch_job(job.job_id):
+
+    def show_loss(event: jobs_pb2.JobEvent) -> None:
+        nonlocal last
         data = dict(event.data)
         if "loss" in data and time.monotonic() - last > 5:
             print(f"   step {int(data.get('step', 0))}: loss {data['loss']:.3f}", flush=True)
             last = time.monotonic()
-    final = jobs.get_job(job.job_id)
+
+    final = jobs.wait_job(job.job_id, on_event=show_loss)
     if final.state != jobs_pb2.JOB_STATE_SUCCEEDED:
         raise RuntimeError(f"job {job.job_id} ended {jobs_pb2.JobState.Name(final.state)}: {final.error}")
     return final

@@ -137,8 +137,7 @@ class Stack:
         return c.process() is not None
 
     def health(self, c: Component) -> str:
-        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
-        with open_channel(f"{host}:{c.port}", self.config) as channel:
+        with open_channel(f"{self.config.client_host}:{c.port}", self.config) as channel:
             return health_status(channel)
 
     def down(self, timeout: float | None = None) -> list[str]:

@@ -165,6 +165,7 @@ class Engine:
                              decoder.device, settings.slots() if settings.host_slots < 0 else settings.host_slots,
                              source=decoder.max_source if decoder.encoder_decoder else 0)
         self.policy = make_policy(settings.policy, settings.mlfq)
+        self.call_cost = CALL_COST.get(decoder.device.type, CALL_COST["cuda"])
         self.active: list[Sequence] = []  # owned by the engine thread
         self.incoming: list[Sequence] = []
         self.counter = itertools.count()
@@ -344,7 +345,7 @@ class Engine:
         """The attend callback for one step; masks (with a model's position bias) are built once and
         shared by all layers."""
         device, cache = self.decoder.device, self.cache
-        alone = separate_decode_rows(decode_slots, decode_lengths, CALL_COST.get(device.type, CALL_COST["cuda"]))
+        alone = separate_decode_rows(decode_slots, decode_lengths, self.call_cost)
         if alone:  # attended like one-token prefills, each over its own slot
             prefills = prefills + [(decode_rows[i], 1, decode_slots[i], decode_lengths[i] - 1) for i in alone]
             kept = sorted(set(range(len(decode_rows))) - set(alone))

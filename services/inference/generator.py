@@ -188,7 +188,6 @@ def usage(seq: Sequence) -> Usage:
 
 
 def _eos_ids(folder: Path) -> set[int]:
-    ids: set[int] = set()
     for name in ("generation_config.json", "config.json"):
         path = folder / name
         if path.is_file():
@@ -196,4 +195,4 @@ def _eos_ids(folder: Path) -> set[int]:
             if "eos_token_id" in config:  # generation_config.json wins, as in transformers' generate
                 eos = config["eos_token_id"]
                 return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    return ids
+    return set()

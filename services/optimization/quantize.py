@@ -224,24 +224,30 @@ def _prepare_for_int8(source: Path, tmp: Path) -> tuple[Path, list[str]]:
     kept = [vi for vi in model.graph.value_info if vi.name not in inits]
     del model.graph.value_info[:]
     model.graph.value_info.extend(kept)
-    prepared, excluded = tmp / "prepared.onnx", []
+    excluded = _smooth_outliers(model, source, tmp)
+    prepared = tmp / "prepared.onnx"
+    _save(model, prepared)
+    return prepared, excluded
+
+
+def _smooth_outliers(model: onnx.ModelProto, source: Path, tmp: Path) -> list[str]:
+    """Smooth `model` in place where calibration on `source` allows; the MatMuls to keep in fp32."""
     feeds = _calibration_feeds(model, source)
     groups = _matmul_groups(model)
     if not feeds or not groups:
         log.info("int8: no calibration possible for %s (no tokenizer beside it or unusual inputs); "
                  "quantizing without smoothing", source.name)
-    else:
-        try:
-            stats = _activation_stats(source, list(groups), feeds, tmp)
-        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own Exception subclasses; plain int8 works
-            log.warning("int8: calibration of %s failed (%s); quantizing without smoothing", source.name, exc)
-        else:
-            smoothed = _smooth(model, groups, stats)
-            excluded = _spiky_matmuls(model, groups, set(smoothed), stats)
-            log.info("int8: smoothed %d LayerNorm outputs, kept %d MatMuls in fp32: %s", len(smoothed),
-                     len(excluded), excluded)
-    _save(model, prepared)
-    return prepared, excluded
+        return []
+    try:
+        stats = _activation_stats(source, list(groups), feeds, tmp)
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own Exception subclasses; plain int8 still works
+        log.warning("int8: calibration of %s failed (%s); quantizing without smoothing", source.name, exc)
+        return []
+    smoothed = _smooth(model, groups, stats)
+    excluded = _spiky_matmuls(model, groups, set(smoothed), stats)
+    log.info("int8: smoothed %d LayerNorm outputs, kept %d MatMuls in fp32: %s", len(smoothed), len(excluded),
+             excluded)
+    return excluded
 
 
 def quantize_onnx_int8_dynamic(onnx_in: Path, onnx_out: Path, per_channel: bool = True) -> Path:

@@ -71,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(__name__).debug("unexpected error", exc_info=exc)
         error_line(f"fastserve: {type(exc).__name__}: {exc}")
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from rich.text import Text
 from fastserve.inference.v1 import inference_pb2 as pb
 from shared.cli.common import command, console, group, print_json, state, to_dict
 from shared.client import sampling_params
+from shared.common_protos import enum_name
 
 models = group("Models the inference service serves: list, load, unload.")
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -20,10 +21,6 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
 def _client(ctx: typer.Context):
     return state(ctx).client().inference
-
-
-def _word(enum, value: int, prefix: str) -> str:
-    return enum.Name(value).removeprefix(prefix).lower()
 
 
 @command(models, "list", help="List the loaded (and loading or failed) models.")
@@ -34,9 +31,9 @@ def list_models(ctx: typer.Context, ready: Annotated[bool, typer.Option(help="On
         return 0
     table = Table("name", "version", "state", "task", "backend", "uri")
     for s in statuses:
-        table.add_row(s.name, s.version, _word(pb.ModelState, s.state, "MODEL_STATE_"),
-                      _word(pb.ModelTask, s.config.task, "MODEL_TASK_"),
-                      _word(pb.Backend, s.config.backend, "BACKEND_"), Text(s.model_uri or s.error))
+        table.add_row(s.name, s.version, enum_name(pb.ModelState, s.state, "MODEL_STATE_"),
+                      enum_name(pb.ModelTask, s.config.task, "MODEL_TASK_"),
+                      enum_name(pb.Backend, s.config.backend, "BACKEND_"), Text(s.model_uri or s.error))
     console.print(table)
     return 0
 
@@ -55,7 +52,7 @@ def load(ctx: typer.Context, name: str,
     if state(ctx).json:
         print_json(to_dict(status))
     else:
-        print(f"{status.name} {status.version} {_word(pb.ModelState, status.state, 'MODEL_STATE_')} "
+        print(f"{status.name} {status.version} {enum_name(pb.ModelState, status.state, 'MODEL_STATE_')} "
               f"({status.model_uri})")
     return 0
 

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
-from google.protobuf import json_format
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 from rich.text import Text
@@ -17,6 +16,7 @@ from rich.text import Text
 from fastserve.common.v1 import jobs_pb2
 from shared.cli.common import command, console, error_line, print_json, state, to_dict
 from shared.client import JobClient, state_name
+from shared.common_protos import struct_to_dict
 
 E = jobs_pb2.JobEventType
 
@@ -42,7 +42,7 @@ def watch(ctx: typer.Context, client: JobClient, job_id: str, show_result: bool 
     if state(ctx).json:
         for event in client.watch_job(job_id):
             print(json.dumps(to_dict(event)), flush=True)
-        return _exit_code(client.get_job(job_id))
+        return exit_code(client.get_job(job_id))
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[metrics]}"))
     events = client.watch_job(job_id)
@@ -54,7 +54,7 @@ def watch(ctx: typer.Context, client: JobClient, job_id: str, show_result: bool 
         # Metrics accumulate: an evaluation's event carries eval_loss alone, and the bar keeps the loss.
         metrics: dict[str, Any] = {}
         for event in itertools.chain([first] if first else [], events):
-            data = json_format.MessageToDict(event.data)
+            data = struct_to_dict(event.data)
             progress.update(task, completed=event.progress, description=state_name(event.state))
             if event.type == E.JOB_EVENT_TYPE_METRICS:
                 metrics.update(data)
@@ -66,10 +66,10 @@ def watch(ctx: typer.Context, client: JobClient, job_id: str, show_result: bool 
     job = client.get_job(job_id)
     if show_result or job.state != jobs_pb2.JOB_STATE_SUCCEEDED:
         show_job(job)
-    return _exit_code(job)
+    return exit_code(job)
 
 
-def _exit_code(job: jobs_pb2.Job) -> int:
+def exit_code(job: jobs_pb2.Job) -> int:
     return 0 if job.state == jobs_pb2.JOB_STATE_SUCCEEDED else 1
 
 
@@ -79,7 +79,7 @@ def show_job(job: jobs_pb2.Job) -> None:
         error_line(f"{line}: {job.error}")
         return
     console.print(line, markup=False)
-    for key, value in _whole(json_format.MessageToDict(job.result)).items():
+    for key, value in _whole(struct_to_dict(job.result)).items():
         console.print(f"  {key}: {json.dumps(value) if isinstance(value, dict | list) else value}", markup=False)
 
 

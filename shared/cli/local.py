@@ -39,14 +39,16 @@ def register(app: typer.Typer) -> None:
     @command(app, "status", help="Show the stack's processes and health (exit 3 unless all serve).")
     def status(ctx: typer.Context) -> int:
         rows = Stack(state(ctx).config).status()
+        code = 0 if rows and all(r["state"] in ("SERVING", "RUNNING") for r in rows) else 3
         if state(ctx).json:
             print_json(rows)
-        elif not rows:
+            return code
+        if not rows:
             print("the stack is not running (start it with `make up`)")
-        for row in rows if not state(ctx).json else []:
+        for row in rows:
             port = f"port {row['port']}" if row["port"] else ""
             print(f"{row['name']:<14} {row['state']:<12} pid {row['pid']:<8} {port}")
-        return 0 if rows and all(r["state"] in ("SERVING", "RUNNING") for r in rows) else 3
+        return code
 
     @command(app, "health", help="Ask one server's standard health service (exit 0 when SERVING).")
     def health(ctx: typer.Context,

@@ -7,10 +7,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fastserve.common.v1 import jobs_pb2
 from fastserve.optimization.v1 import optimization_pb2 as pb
 from shared.cli.common import command, console, group, print_json, state, to_dict
-from shared.cli.jobs import add_job_commands, submitted, watch
+from shared.cli.jobs import add_job_commands, exit_code, submitted, watch
 
 app = group("Optimize models (jobs): submit with a before/after report, report, watch, list, cancel.")
 
@@ -38,15 +37,12 @@ def submit(ctx: typer.Context,
                                          force_promote=force)
     if not wait:
         return submitted(ctx, client, job, follow=False)
-    code = watch(ctx, client, job.job_id, show_result=False) if not state(ctx).json else _quiet_wait(client, job.job_id)
+    # With --json only the report is printed, so that the output is one JSON document.
+    code = exit_code(client.wait_job(job.job_id)) if state(ctx).json else watch(ctx, client, job.job_id,
+                                                                                   show_result=False)
     if code == 0:
         show_report(ctx, client.get_report(job.job_id))
     return code
-
-
-def _quiet_wait(client, job_id: str) -> int:
-    # With --json only the report is printed, so that the output is one JSON document.
-    return 0 if client.wait_job(job_id).state == jobs_pb2.JOB_STATE_SUCCEEDED else 1
 
 
 @command(app, "report", help="Print the before/after report of a succeeded job.")

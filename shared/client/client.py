@@ -38,8 +38,7 @@ class FastServeClient:
     @classmethod
     def from_config(cls, config: Config, host: str | None = None, **kwargs) -> FastServeClient:
         """A client of the stack `config` describes (its ports, token and TLS certificate)."""
-        if host is None:
-            host = "127.0.0.1" if config.host in ("0.0.0.0", "", "::") else config.host
+        host = config.client_host if host is None else host
         settings = dict(ports={s: config.port(s) for s in SERVICES}, token=config.auth_token, tls_ca=config.tls_cert,
                         max_message_mb=config.max_message_mb)
         return cls(host, **{**settings, **kwargs})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import ModuleType
 
 import grpc
@@ -66,10 +66,12 @@ class JobClient(ServiceClient):
                     raise
             time.sleep(policy.backoff(failures - 1))
 
-    def wait_job(self, job_id: str, *, timeout: float | None = None) -> jobs_pb2.Job:
-        """Watch the job until it ends; return it in its final state."""
+    def wait_job(self, job_id: str, *, timeout: float | None = None,
+                 on_event: Callable[[jobs_pb2.JobEvent], None] = lambda event: None) -> jobs_pb2.Job:
+        """Watch the job until it ends, handing each event to `on_event`; return it in its final state."""
         deadline = None if timeout is None else time.monotonic() + timeout
         for event in self.watch_job(job_id, timeout=timeout):
+            on_event(event)
             if event.state in TERMINAL:
                 break
         left = None if deadline is None else max(0.1, deadline - time.monotonic())
