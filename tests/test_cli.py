@@ -21,7 +21,6 @@ from tests.test_client import MINILM
 FASTSERVE = Path(sys.executable).with_name("fastserve")
 
 
-
 @pytest.fixture(scope="module")
 def training(tmp_path_factory):
     running = scripted.serve(scripted.ScriptedTraining(break_after=2),
@@ -66,15 +65,15 @@ def test_embed_prints_a_vector(fastserve, gpt_server):
 
 @pytest.mark.parametrize("args, start, field", [
     (("classify", "--model", MINILM, "an embedding model cannot classify"), "INVALID_ARGUMENT: ", "(field model)"),
-    (("embed", "--model", "no-such-model", "x"), "NOT_FOUND: ", ""),
+    (("embed", "--model", "no-such-model", "x"), "NOT_FOUND: ", None),
     (("optimize", "submit", "m", "--step", "prune:nope", "--output", "o"), "INVALID_ARGUMENT: ",
      "(field steps[0].prune.method)"),
 ])
 def test_an_error_is_one_line_and_a_non_zero_exit(fastserve, args, start, field):
     result = fastserve(*args)
     assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith(start) and field in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(start)
+    assert (field in result.stderr) if field else "(field" not in result.stderr
 
 
 def test_load_generate_and_unload(fastserve, gpt_server):

@@ -21,12 +21,15 @@ MINILM = "all-MiniLM-L6-v2"
 NO_JITTER = RetryPolicy(attempts=4, initial_backoff=0.1, multiplier=2.0, max_backoff=1.0, jitter=0.0)
 
 
-
-
 @pytest.fixture(scope="module")
 def client(gpt_server):
     with FastServeClient(ports={"inference": gpt_server.port}) as fs:
         yield fs
+
+
+def test_health_of_a_running_and_a_missing_service(gpt_server):
+    with FastServeClient(ports={"inference": gpt_server.port, "training": free_port()}) as fs:
+        assert fs.health("inference") == "SERVING" and fs.health("training", timeout=0.5) == "UNREACHABLE"
 
 
 def test_embed_through_the_client(client):

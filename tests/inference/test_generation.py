@@ -4,23 +4,25 @@ and the KServe v2 generation paths."""
 
 from __future__ import annotations
 
-import struct
+import functools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import psutil
 import pytest
 import torch
+from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from fastserve.inference.v1 import inference_pb2 as pb
 from fastserve.inference.v1 import inference_pb2_grpc
 from inference import grpc_service_pb2 as kpb
 from shared.artifacts import ArtifactStore
-from tests.inference.test_service import field_of
 from tests.support.processes import start_inference
+from tests.support.rpc import field_of, from_raw_bytes, raw_bytes
 from tests.support.tiny_models import build_causal_lm, build_seq2seq
 
 PROMPTS = ["Return the number of", "Create a new", "This module provides", "If the file", "x"]
@@ -50,7 +52,6 @@ def server(home, tmp_path_factory):
     proc.stop()
 
 
-
 def load(stub, name: str, family: str = "gpt2", **config) -> None:
     batching = pb.BatchingConfig(max_batch_size=config.pop("max_batch_size", 8),
                                  max_queue_size=config.pop("max_queue_size", 64))
@@ -63,23 +64,30 @@ def greedy(prompt: str, n: int = 40, **sampling) -> pb.GenerateRequest:
                               sampling=pb.SamplingParams(max_new_tokens=n, **sampling))
 
 
+def model_folder(home, family: str) -> Path:
+    return ArtifactStore(home / "artifacts").resolve(f"artifact://models/tiny-{family}/1").path
+
+
+@functools.cache
+def reference_model(folder: Path):
+    seq2seq = AutoConfig.from_pretrained(str(folder)).is_encoder_decoder
+    return (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(str(folder)).eval()
+
+
 def hf_greedy(home, family: str, prompt_ids: list[int], n: int) -> list[int]:
     """transformers' own generate on the same folder, cut before its EOS as the service does."""
-    folder = ArtifactStore(home / "artifacts").resolve(f"artifact://models/tiny-{family}/1").path
-    seq2seq = AutoConfig.from_pretrained(str(folder)).is_encoder_decoder
-    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(str(folder)).eval()
+    model = reference_model(model_folder(home, family))
     ids = torch.tensor([prompt_ids])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
-    new = out[0, 1 if seq2seq else len(prompt_ids):].tolist()  # an encoder-decoder's output opens with its start token
+    # An encoder-decoder's output opens with its start token; a decoder's with the prompt.
+    new = out[0, 1 if model.config.is_encoder_decoder else len(prompt_ids):].tolist()
     eos = model.generation_config.eos_token_id
     return new[:new.index(eos)] if eos in new else new
 
 
 def prompt_ids(home, family: str, text: str) -> list[int]:
-    from tokenizers import Tokenizer
-
-    folder = ArtifactStore(home / "artifacts").resolve(f"artifact://models/tiny-{family}/1").path
-    return Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text, add_special_tokens=family == "t5").ids
+    tokenizer = Tokenizer.from_file(str(model_folder(home, family) / "tokenizer.json"))
+    return tokenizer.encode(text, add_special_tokens=family == "t5").ids
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -87,11 +95,16 @@ def test_greedy_decoding_matches_transformers_generate_under_concurrency(home, s
     requests = [greedy(p, 12 + 9 * i, model=family) for i, p in enumerate(PROMPTS)] * 3
     with ThreadPoolExecutor(len(requests)) as pool:
         replies = list(pool.map(stub.Generate, requests))
+    references = {}  # each distinct request once: the requests repeat three times
     for request, reply in zip(requests, replies, strict=True):
-        expected = hf_greedy(home, family, prompt_ids(home, family, request.text), request.sampling.max_new_tokens)
+        key = (request.text, request.sampling.max_new_tokens)
+        if key not in references:
+            ids = prompt_ids(home, family, request.text)
+            references[key] = ids, hf_greedy(home, family, ids, request.sampling.max_new_tokens)
+        ids, expected = references[key]
         assert list(reply.token_ids) == expected
         assert reply.usage.completion_tokens == len(expected)
-        assert reply.usage.prompt_tokens == len(prompt_ids(home, family, request.text))
+        assert reply.usage.prompt_tokens == len(ids)
         assert reply.finish_reason == (pb.FINISH_REASON_LENGTH if len(expected) == request.sampling.max_new_tokens
                                        else pb.FINISH_REASON_EOS)
     stats = stub.GetModelStatistics(pb.GetModelStatisticsRequest(name=family)).stats[0]
@@ -254,18 +267,16 @@ def kserve_request(model: str, text: str, **parameters) -> kpb.ModelInferRequest
     params = {k: kpb.InferParameter(**{"int64_param" if isinstance(v, int) else "double_param"
                                        if isinstance(v, float) else "string_param": v})
               for k, v in parameters.items()}
-    item = text.encode()
     return kpb.ModelInferRequest(
         model_name=model, parameters=params,
         inputs=[kpb.ModelInferRequest.InferInputTensor(name="text_input", datatype="BYTES", shape=[1])],
-        raw_input_contents=[struct.pack("<I", len(item)) + item])
+        raw_input_contents=[raw_bytes([text.encode()])])
 
 
 def output_text(response: kpb.ModelInferResponse) -> str:
     assert response.outputs[0].name == "text_output" and response.outputs[0].datatype == "BYTES"
-    raw = response.raw_output_contents[0]
-    (length,) = struct.unpack_from("<I", raw)
-    return raw[4:4 + length].decode()
+    (text,) = from_raw_bytes(response.raw_output_contents[0])
+    return text.decode()
 
 
 def test_kserve_text_input_to_text_output_unary_and_streamed(stub, kserve):

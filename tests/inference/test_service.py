@@ -4,7 +4,6 @@ raw KServe v2 requests built here, under concurrency, version swaps, overload an
 from __future__ import annotations
 
 import shutil
-import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,14 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from fastserve.inference.v1 import inference_pb2 as pb
 from inference import grpc_service_pb2 as kpb
 from shared.artifacts import ArtifactStore
 from shared.model_refs import BUILTIN_MODELS
 from tests.support.processes import start_inference
+from tests.support.rpc import field_of, raw_bytes
 
 MODEL = "all-MiniLM-L6-v2"
 TEXTS = ["FastServe batches requests on the accelerator.", "hello world", "Ünïcödé text, too!",
@@ -60,17 +58,12 @@ def server(home, tmp_path_factory):
     proc.stop()
 
 
-
 @pytest.fixture(scope="module")
 def reference():
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(BUILTIN_MODELS[MODEL]()), device="cpu")
     return model.encode(TEXTS, normalize_embeddings=True)
-
-
-def raw_bytes(items: list[bytes]) -> bytes:
-    return b"".join(struct.pack("<I", len(i)) + i for i in items)
 
 
 def text_request(model: str, texts: list[str], raw=True, **tensor) -> kpb.ModelInferRequest:
@@ -81,12 +74,6 @@ def text_request(model: str, texts: list[str], raw=True, **tensor) -> kpb.ModelI
                                      raw_input_contents=[raw_bytes(items)])
     return kpb.ModelInferRequest(model_name=model, inputs=[kpb.ModelInferRequest.InferInputTensor(
         **spec, contents=kpb.InferTensorContents(bytes_contents=items))])
-
-
-def field_of(error: grpc.RpcError) -> str:
-    bad = error_details_pb2.BadRequest()
-    assert any(d.Unpack(bad) for d in rpc_status.from_call(error).details)
-    return bad.field_violations[0].field
 
 
 def test_default_model_is_served_and_ready(kserve, stub):

@@ -6,8 +6,6 @@ import time
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from fastserve.common.v1 import jobs_pb2
 from fastserve.optimization.v1 import optimization_pb2 as pb
@@ -17,6 +15,7 @@ from shared.config import Config
 from shared.stores import Stores
 from tests.conftest import private_env
 from tests.support.processes import service_with_worker
+from tests.support.rpc import field_of
 
 S = jobs_pb2.JobState
 MINILM = "builtin://all-MiniLM-L6-v2"
@@ -103,11 +102,6 @@ def test_cancelled_job_registers_nothing(svc):
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def _field(error) -> str:
-    bad = error_details_pb2.BadRequest()
-    assert any(d.Unpack(bad) for d in rpc_status.from_call(error).details)
-    return bad.field_violations[0].field
-
 
 @pytest.mark.parametrize("steps, target, field", [
     ([pb.OptimizationStep(prune=pb.PruneStep(method=pb.PRUNING_METHOD_MAGNITUDE_UNSTRUCTURED, sparsity=1.5))],
@@ -125,7 +119,7 @@ def test_bad_requests(svc, steps, target, field):
     with pytest.raises(grpc.RpcError) as info:
         stub.SubmitOptimizationJob(pb.SubmitOptimizationJobRequest(model_uri=MINILM, steps=steps, target=target,
                                                                    output_name="x"))
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and _field(info.value) == field
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_of(info.value) == field
     assert stores.jobs.list("optimization").total_size == before
 
 

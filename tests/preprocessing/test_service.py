@@ -9,8 +9,6 @@ import grpc
 import numpy as np
 import pytest
 from google.protobuf import struct_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from transformers import AutoTokenizer
 
 from fastserve.common.v1 import jobs_pb2
@@ -21,6 +19,7 @@ from shared.datasets import DatasetReader
 from shared.stores import Stores
 from tests.conftest import private_env
 from tests.support.processes import service_with_worker
+from tests.support.rpc import field_of
 
 S = jobs_pb2.JobState
 CHUNK = 256 * 1024
@@ -51,11 +50,6 @@ def _finish(stub, job):
     assert final.state == S.JOB_STATE_SUCCEEDED, final.error
     return final, events
 
-
-def _violation(error: grpc.RpcError) -> str:
-    bad = error_details_pb2.BadRequest()
-    assert any(d.Unpack(bad) for d in rpc_status.from_call(error).details)
-    return bad.field_violations[0].field
 
 
 def _builtin(**kwargs):
@@ -89,7 +83,7 @@ def test_bad_uploads_publish_nothing(svc, data, fmt, fields, field):
     with pytest.raises(grpc.RpcError) as info:
         _upload(stub, "bad", data, fmt, **fields)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _violation(info.value) == field
+    assert field_of(info.value) == field
     assert stores.artifacts.versions("corpora", "bad") == []
     assert not any((stores.artifacts.root / ".staging").iterdir())
 
@@ -126,7 +120,7 @@ def test_clean_text_inline_and_its_errors(svc):
         ("nfkc", 2), ("strip_html", 2), ("collapse_whitespace", 2), ("dedup_exact", 1)]
     with pytest.raises(grpc.RpcError) as info:
         stub.CleanText(pb.CleanTextRequest(texts=["x"], steps=[pb.CleanStep(name="nfkc"), pb.CleanStep(name="magic")]))
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and _violation(info.value) == "steps[1].name"
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_of(info.value) == "steps[1].name"
 
 
 def test_trained_tokenizer_round_trips_and_loads_in_auto_tokenizer(svc):
@@ -168,7 +162,7 @@ def test_bad_job_requests_queue_nothing(svc):
         if field is None:
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
         else:
-            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and _violation(info.value) == field
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_of(info.value) == field
     unlabelled = _upload(stub, "plain", b"one doc\nanother doc\n", pb.TEXT_FORMAT_PLAIN).corpus
     tiny_data = "\n".join(json.dumps({"text": f"d{i}", "label": "a"}) for i in range(5)).encode()
     tiny = _upload(stub, "tiny", tiny_data, label_field="label").corpus
@@ -182,7 +176,7 @@ def test_bad_job_requests_queue_nothing(svc):
             stub.BuildDataset(pb.BuildDatasetRequest(source=pb.CorpusSource(artifact_uri=uri), task=task,
                                                      tokenizer_uri="builtin://all-MiniLM-L6-v2", splits=splits,
                                                      output_name="ds"))
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and _violation(info.value) == field
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_of(info.value) == field
     assert stores.jobs.list("preprocessing").total_size == before
     assert stores.artifacts.versions("datasets", "ds") == []
 

@@ -86,20 +86,21 @@ def wait_serving(proc: Proc, timeout: float = 60.0) -> None:
 def start_inference(home: Path, log: Path, timeout: float = 180.0, **settings: str) -> Proc:
     """An inference server on a free port with its own home, and no Redis (it needs none); `settings`
     are more FASTSERVE_* variables."""
-    port = free_port()
-    env = {"FASTSERVE_HOME": str(home), "FASTSERVE_INFERENCE_PORT": str(port), "FASTSERVE_INFERENCE_METRICS_PORT": "0",
+    env = {"FASTSERVE_HOME": str(home), "FASTSERVE_INFERENCE_METRICS_PORT": "0",
            "FASTSERVE_REDIS_URL": "redis://127.0.0.1:1/0", "HF_HUB_OFFLINE": "1", **settings}
-    proc = spawn([sys.executable, "-m", "services.inference"], env, log, port)
-    wait_serving(proc, timeout=timeout)
-    return proc
+    return _serve("inference", env, log, timeout)
 
 
 def start_service(service: str, env: dict[str, str], log_dir: Path) -> Proc:
     """`python -m services.<service>` on a free port, returned once its health check says SERVING."""
+    return _serve(service, env, log_dir / f"{service}.log", timeout=60.0)
+
+
+def _serve(service: str, env: dict[str, str], log: Path, timeout: float) -> Proc:
     port = free_port()
     proc = spawn([sys.executable, "-m", f"services.{service}"],
-                 {**env, f"FASTSERVE_{service.upper()}_PORT": str(port)}, log_dir / f"{service}.log", port)
-    wait_serving(proc)
+                 {**env, f"FASTSERVE_{service.upper()}_PORT": str(port)}, log, port)
+    wait_serving(proc, timeout=timeout)
     return proc
 
 

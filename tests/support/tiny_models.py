@@ -21,17 +21,24 @@ from services.preprocessing.stdlib_corpus import stdlib_documents
 from services.preprocessing.tokenizer_training import TokenizerSpec, save_tokenizer, train_tokenizer
 
 
-def build_causal_lm(folder: Path, family: str = "gpt2", hidden: int = 64, layers: int = 2, heads: int = 4,
-                    vocab: int = 512, positions: int = 256, train_steps: int = 300, seed: int = 0,
-                    documents: int = 1500, eos: bool = True) -> Path:
-    """`eos=False`: a model without an end-of-sequence token, whose completions always run to their
-    length (for speed measurements)."""
+def _tokenizer(folder: Path, vocab: int, seed: int, documents: int):
+    """A BPE tokenizer trained on stdlib docstrings and saved in `folder`; (tokenizer, the texts). Seeds torch
+    for the model built next."""
     torch.manual_seed(seed)
     texts = [d["text"] for d in stdlib_documents(seed=seed, max_documents=documents)]
     spec = TokenizerSpec("bpe", vocab)
     tokenizer = train_tokenizer(spec, iter(texts), length=len(texts))
     folder.mkdir(parents=True, exist_ok=True)
     save_tokenizer(tokenizer, spec, folder)
+    return tokenizer, texts
+
+
+def build_causal_lm(folder: Path, family: str = "gpt2", hidden: int = 64, layers: int = 2, heads: int = 4,
+                    vocab: int = 512, positions: int = 256, train_steps: int = 300, seed: int = 0,
+                    documents: int = 1500, eos: bool = True) -> Path:
+    """`eos=False`: a model without an end-of-sequence token, whose completions always run to their
+    length (for speed measurements)."""
+    tokenizer, texts = _tokenizer(folder, vocab, seed, documents)
     eos, pad = tokenizer.token_to_id("<|endoftext|>") if eos else None, tokenizer.token_to_id("<pad>")
     vocab = tokenizer.get_vocab_size()
     if family == "gpt2":
@@ -68,12 +75,7 @@ def _train(model: torch.nn.Module, tokenizer, texts: list[str], steps: int, widt
 
 def build_seq2seq(folder: Path, vocab: int = 512, steps: int = 250, seed: int = 0) -> Path:
     """A two-layer T5 that has learnt a little of copying its input."""
-    torch.manual_seed(seed)
-    texts = [d["text"] for d in stdlib_documents(seed=seed, max_documents=1500)]
-    spec = TokenizerSpec("bpe", vocab)
-    tokenizer = train_tokenizer(spec, iter(texts), length=len(texts))
-    folder.mkdir(parents=True, exist_ok=True)
-    save_tokenizer(tokenizer, spec, folder)
+    tokenizer, texts = _tokenizer(folder, vocab, seed, documents=1500)
     eos, pad = tokenizer.token_to_id("<|endoftext|>"), tokenizer.token_to_id("<pad>")
     model = T5ForConditionalGeneration(T5Config(
         vocab_size=tokenizer.get_vocab_size(), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,

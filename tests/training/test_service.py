@@ -11,8 +11,6 @@ import time
 import grpc
 import numpy as np
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -25,6 +23,7 @@ from shared.datasets import DatasetReader
 from shared.stores import Stores
 from tests.conftest import private_env
 from tests.support.processes import start_service, start_worker
+from tests.support.rpc import field_of
 
 S = jobs_pb2.JobState
 STDLIB = {"builtin": {"name": "stdlib-docstrings", "seed": 0, "max_documents": 2500}}
@@ -205,11 +204,6 @@ def test_two_process_ddp_matches_one_process(stub, worker, stores, datasets):
     assert max(float(np.abs(wa[k] - wb[k]).max()) for k in wa) < 1e-3
 
 
-def _violation(error) -> str:
-    bad = error_details_pb2.BadRequest()
-    assert any(d.Unpack(bad) for d in rpc_status.from_call(error).details)
-    return bad.field_violations[0].field
-
 
 def test_bad_requests_queue_nothing(stub, stores, datasets):
     before = stores.jobs.list("training").total_size
@@ -229,7 +223,7 @@ def test_bad_requests_queue_nothing(stub, stores, datasets):
         with pytest.raises(grpc.RpcError) as info:
             stub.SubmitTrainingJob(request)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
-        assert _violation(info.value) == field
+        assert field_of(info.value) == field
     missing = gpt(datasets)
     missing.dataset_uri = "artifact://datasets/nope/1"
     huge = gpt(datasets)
