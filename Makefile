@@ -12,10 +12,12 @@ STUBS_DONE := gen/python/.stubs-done
 
 setup: $(SETUP_DONE) $(STUBS_DONE)
 
-$(SETUP_DONE): pyproject.toml
+# Two packages, installed editable together: the light client (clients/python: client, CLI, stubs) and
+# the server (the runtime, the model layer and the services), pinned by constraints.txt.
+$(SETUP_DONE): pyproject.toml clients/python/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e 'clients/python[cli]' -e '.[dev]'
 	touch $@
 
 # Stubs are generated into a temporary folder and swapped in whole, never edited by hand.
@@ -31,7 +33,8 @@ test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check shared services tests bench
+	$(BIN)/ruff check shared services clients tests bench
+	$(BIN)/lint-imports
 	cd proto && ../$(BIN)/buf lint
 	@if git cat-file -e main:proto/buf.yaml 2>/dev/null; then \
 		echo "buf breaking against main"; \

@@ -34,7 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from bench.report import result_line
 from fastserve.inference.v1 import inference_pb2 as pb
 from fastserve.inference.v1 import inference_pb2_grpc
-from shared.artifacts import ArtifactStore
+from fastserve.storage.artifacts import ArtifactStore
 from tests.support.processes import start_inference
 from tests.support.tiny_models import build_causal_lm
 

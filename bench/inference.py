@@ -27,7 +27,7 @@ from transformers import AutoModel, AutoTokenizer
 from bench.report import result_line
 from fastserve.inference.v1 import inference_pb2 as pb
 from fastserve.inference.v1 import inference_pb2_grpc
-from shared.model_refs import BUILTIN_MODELS
+from fastserve.models.refs import BUILTIN_MODELS
 from tests.support.processes import start_inference
 
 CLIENTS = 32

@@ -1,6 +1,7 @@
 """make bench-optimization: all-MiniLM-L6-v2 quantized to int8 for ONNX Runtime (CPU) against fp32
-PyTorch, side by side, both through the inference service's backends on the same tokenized inputs;
-then a small GPT, trained here, pruned 50% (attention heads and MLP channels) against itself.
+PyTorch, side by side, both through the encoder backends inference serves with (`fastserve.models.encoders`)
+on the same tokenized inputs; then a small GPT, trained here, pruned 50% (attention heads and MLP channels)
+against itself.
 
 The int8 model is made by the optimization pipeline's own steps (export, then ONNX int8); quality is
 the minimum cosine similarity of its sentence embeddings to fp32 over 1,000 held-out stdlib docstrings.
@@ -17,15 +18,15 @@ import numpy as np
 import torch
 
 from bench.report import result_line
-from services.inference.backends import OnnxBackend, TorchBackend
-from services.optimization import export, measure, prune, quantize
-from services.preprocessing.core import Preprocessing
-from services.preprocessing.stdlib_corpus import stdlib_documents
-from services.training.core import Training
-from shared.config import Config
-from shared.datasets import DatasetReader
-from shared.model_refs import BUILTIN_MODELS
-from shared.stores import Stores
+from fastserve.corpora.stdlib import stdlib_documents
+from fastserve.models.encoders import OnnxBackend, TorchBackend
+from fastserve.models.refs import BUILTIN_MODELS
+from fastserve.runtime.config import Config
+from fastserve.runtime.stores import Stores
+from fastserve.services.optimization import export, measure, prune, quantize
+from fastserve.services.preprocessing.core import Preprocessing
+from fastserve.services.training.core import Training
+from fastserve.storage.datasets import DatasetReader
 
 
 def throughput(backend, rows: list[list[int]], batch: int, seconds: float = 8.0) -> float:

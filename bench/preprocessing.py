@@ -23,14 +23,14 @@ import psutil
 
 from bench.report import result_line
 from fastserve.common.v1 import jobs_pb2
+from fastserve.corpora.stdlib import stdlib_documents
 from fastserve.preprocessing.v1 import preprocessing_pb2 as pb
 from fastserve.preprocessing.v1 import preprocessing_pb2_grpc
-from services.preprocessing.stdlib_corpus import stdlib_documents
-from services.preprocessing.tokenizer_training import load_tokenizer
-from shared.config import SERVICES, Config
-from shared.redis_server import RedisServer
-from shared.stack import Stack
-from shared.stores import Stores
+from fastserve.runtime.config import SERVICES, Config
+from fastserve.runtime.redis_server import RedisServer
+from fastserve.runtime.stores import Stores
+from fastserve.services.preprocessing.tokenizer_training import load_tokenizer
+from fastserve.stack.processes import Stack
 from tests.support.processes import free_port
 
 CHUNK = 1 << 20

@@ -19,14 +19,14 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from bench.report import result_line
+from fastserve.runtime.config import SERVICES, Config
+from fastserve.runtime.redis_server import RedisServer
+from fastserve.runtime.stores import Stores
+from fastserve.services.preprocessing.core import Preprocessing
+from fastserve.stack.processes import Stack
+from fastserve.storage.datasets import DatasetReader
 from fastserve.training.v1 import training_pb2 as pb
 from fastserve.training.v1 import training_pb2_grpc
-from services.preprocessing.core import Preprocessing
-from shared.config import SERVICES, Config
-from shared.datasets import DatasetReader
-from shared.redis_server import RedisServer
-from shared.stack import Stack
-from shared.stores import Stores
 from tests.support.processes import free_port
 
 STEPS = int(os.environ.get("BENCH_TRAINING_STEPS", "600"))

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import Config
-from shared.redis_server import RedisServer
-from shared.stores import Stores
+from fastserve.runtime.config import Config
+from fastserve.runtime.redis_server import RedisServer
+from fastserve.runtime.stores import Stores
 from tests.support.processes import free_port
 
 
@@ -70,7 +70,7 @@ def gpt_server(tmp_path_factory, tiny_gpt):
     """An inference server process: MiniLM served by default, `tiny-gpt` published in its store to load."""
     import shutil
 
-    from shared.artifacts import ArtifactStore
+    from fastserve.storage.artifacts import ArtifactStore
     from tests.support.processes import start_inference
 
     home = tmp_path_factory.mktemp("gpt-server") / "home"

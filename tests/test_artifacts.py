@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-from shared.artifacts import ArtifactStore, parse_uri, safe_join
-from shared.errors import AlreadyExists, InvalidArgument, NotFound
+from fastserve.runtime.errors import AlreadyExists, InvalidArgument, NotFound
+from fastserve.storage.artifacts import ArtifactStore, parse_uri, safe_join
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.client import FastServeClient, sampling_params
-from shared.config import Config
+from fastserve.client import FastServeClient, sampling_params
+from fastserve.runtime.config import Config
 from tests.support import scripted
 from tests.support.processes import free_port
 from tests.test_client import MINILM
@@ -113,3 +113,10 @@ def test_health_as_the_container_check_runs_it(fastserve, gpt_server):
     assert fastserve("health", "--port", str(gpt_server.port)).stdout.strip() == "SERVING"
     down = fastserve("health", "--port", str(free_port()))
     assert down.returncode == 1 and down.stdout.strip() == "UNREACHABLE"
+
+
+def test_a_bad_setting_is_one_line_naming_the_variable(fastserve):
+    result = subprocess.run([str(FASTSERVE), "models", "list"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "FASTSERVE_INFERENCE_PORT": "abc"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "fastserve: FASTSERVE_INFERENCE_PORT='abc' is not a valid int"

@@ -11,8 +11,8 @@ import time
 import grpc
 import pytest
 
-from shared.client import ClientError, FastServeClient, RetryPolicy, sampling_params
-from shared.config import Config
+from fastserve.client import ClientError, FastServeClient, RetryPolicy, sampling_params
+from fastserve.runtime.config import Config
 from tests.support import scripted
 from tests.support.processes import free_port
 from tests.test_server_runtime import _certificate

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import SERVICES, Config, describe
-from shared.errors import InvalidArgument
+from fastserve.runtime.config import SERVICES, Config, describe
+from fastserve.runtime.errors import InvalidArgument
 
 
 def test_defaults_run_on_one_machine(monkeypatch):
@@ -39,3 +39,17 @@ def test_every_setting_is_documented_and_round_trips():
 def test_unknown_service_refused():
     with pytest.raises(InvalidArgument):
         Config().port("nosuch")
+
+
+def test_client_settings_read_the_same_variables_as_the_stack():
+    from fastserve.client.settings import DEFAULT_PORTS, ClientSettings, SettingError
+
+    env = {"FASTSERVE_HOST": "0.0.0.0", "FASTSERVE_TRAINING_PORT": "6001", "FASTSERVE_AUTH_TOKEN": "t",
+           "FASTSERVE_TLS_CERT": "/c.pem", "FASTSERVE_MAX_MESSAGE_MB": "8"}
+    settings, config = ClientSettings.from_env(env), Config.from_env(env)
+    assert settings == config.client_settings() and settings.host == "127.0.0.1"  # a wildcard bind: loopback
+    assert settings.ports["training"] == 6001 and settings.ports["inference"] == DEFAULT_PORTS["inference"]
+    assert {s: Config().port(s) for s in SERVICES} == dict(DEFAULT_PORTS)  # one set of defaults
+    with pytest.raises(SettingError) as info:
+        ClientSettings.from_env({"FASTSERVE_INFERENCE_PORT": "abc"})
+    assert info.value.name == "FASTSERVE_INFERENCE_PORT"

@@ -17,11 +17,26 @@ def test_buf_lint_standard_and_comments_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# The one exception to folder = package, stated in buf.yaml: the KServe v2 protocol keeps its wire package.
+KSERVE = ROOT / "proto" / "fastserve" / "kserve" / "v2" / "grpc_service.proto"
+
+
 def test_folder_is_package():
-    for proto in (ROOT / "proto").rglob("*.proto"):
+    protos = sorted((ROOT / "proto").rglob("*.proto"))
+    assert KSERVE in protos and all(p.is_relative_to(ROOT / "proto" / "fastserve") for p in protos)
+    for proto in protos:
         package = next(line for line in proto.read_text().splitlines() if line.startswith("package "))
         folder = proto.parent.relative_to(ROOT / "proto").as_posix().replace("/", ".")
-        assert package == f"package {folder};", proto
+        assert package == ("package inference;" if proto == KSERVE else f"package {folder};"), proto
+    assert "fastserve/kserve" in (ROOT / "proto" / "buf.yaml").read_text()
+
+
+def test_kserve_stubs_live_under_fastserve_with_the_wire_names_of_the_protocol():
+    from fastserve.kserve.v2 import grpc_service_pb2, grpc_service_pb2_grpc
+
+    assert grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name == \
+        "inference.GRPCInferenceService"
+    assert hasattr(grpc_service_pb2_grpc, "GRPCInferenceServiceStub")
 
 
 @pytest.mark.parametrize("package", PACKAGES)

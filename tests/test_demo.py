@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-from shared.config import SERVICES, Config
-from shared.demo import SAMPLE_PROMPTS, DemoPlan, run_demo
-from shared.stack import Stack
+from fastserve.runtime.config import SERVICES, Config
+from fastserve.stack.demo import SAMPLE_PROMPTS, DemoPlan, run_demo
+from fastserve.stack.processes import Stack
 from tests.support.processes import free_port, port_open
 
 

@@ -19,8 +19,8 @@ import yaml
 from celery import Celery
 from typer.main import get_command
 
-from shared.cli import app
-from shared.config import JOB_SERVICES, SERVICES, Config, describe
+from fastserve.cli import app
+from fastserve.runtime.config import JOB_SERVICES, SERVICES, Config, describe
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
@@ -69,23 +69,25 @@ def _check_command_runs_real_code(command: list[str]) -> None:
 def test_dockerfile_builds_in_stages_and_runs_as_non_root_with_a_grpc_health_check():
     text = DOCKERFILE.read_text()
     assert "AS build" in text and "COPY --from=build /opt/venv /opt/venv" in text
-    assert "make proto VENV=/opt/venv" in text
     assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text and "ARG BASE_IMAGE=" in text
     assert "useradd --create-home --uid 10001 --gid 10001 fastserve" in text and "USER 10001:10001" in text
     assert "HEALTHCHECK" in text and 'fastserve health --port "${SERVICE_PORT:-50054}"' in text
-    # The health check's command exists as written.
-    assert _pyproject()["project"]["scripts"]["fastserve"] == "shared.cli:main"
+    # The health check's command exists as written, in the client package that the image installs.
+    client = tomllib.loads((ROOT / "clients" / "python" / "pyproject.toml").read_text())["project"]
+    assert client["scripts"]["fastserve"] == "fastserve.cli:main"
     assert get_command(app).commands["health"].make_context("health", ["--port", "50054"]).params["port"] == 50054
-    for copied in ("pyproject.toml", "Makefile", "README.md", "proto", "shared", "services"):
+    for copied in ("pyproject.toml", "README.md", "proto", "clients", "shared", "services"):
         assert f"COPY {copied} " in text and (ROOT / copied).exists()
+    # Both packages, pinned by the same constraints as `make setup`, installed as wheels (not editable).
+    assert "-c constraints.txt" in text and "pip install --no-deps --no-build-isolation ./clients/python ." in text
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", "gen", ".git"} <= set(ignored)
 
 
-def test_the_image_installs_flower_from_an_exact_pin():
+def test_the_image_installs_flower_pinned_by_the_constraints():
     extras = _pyproject()["project"]["optional-dependencies"]
-    assert [d for d in extras["deploy"] if d.startswith("flower==")]
-    assert all("==" in d for d in extras["deploy"] + extras["dev"])
+    assert [d for d in extras["deploy"] if d.startswith("flower")]
+    assert "flower==" in (ROOT / "constraints.txt").read_text()
     assert "['optional-dependencies']['deploy']" in DOCKERFILE.read_text()
 
 
@@ -97,7 +99,7 @@ def test_compose_runs_every_service_on_its_default_ports():
     defaults = Config()
     for service in SERVICES:
         spec = compose[service]
-        assert spec["command"] == ["python", "-m", f"services.{service}"]
+        assert spec["command"] == ["python", "-m", f"fastserve.services.{service}"]
         port, metrics = defaults.port(service), defaults.metrics_port(service)
         assert spec["ports"] == [f"127.0.0.1:{port}:{port}", f"127.0.0.1:{metrics}:{metrics}"]
         assert spec["environment"]["SERVICE_PORT"] == str(port)
@@ -199,7 +201,7 @@ def test_grpc_services_are_headless_with_native_grpc_probes(overlay):
         pod_labels = deployments[service]["spec"]["template"]["metadata"]["labels"]
         assert services[service]["spec"]["selector"].items() <= pod_labels.items()
         container = _container(deployments[service])
-        assert container["command"] == ["python", "-m", f"services.{service}"]
+        assert container["command"] == ["python", "-m", f"fastserve.services.{service}"]
         _check_command_runs_real_code(container["command"])
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert container[probe]["grpc"] == {"port": port}, (service, probe)

@@ -10,11 +10,11 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from fastserve.common.v1 import jobs_pb2
+from fastserve.runtime.config import Config
+from fastserve.runtime.job_queue import submit
+from fastserve.runtime.stores import Stores
 from fastserve.training.v1 import training_pb2 as pb
 from fastserve.training.v1 import training_pb2_grpc
-from shared.config import Config
-from shared.job_queue import submit
-from shared.stores import Stores
 from tests.conftest import private_env
 from tests.support.processes import service_with_worker
 

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from shared.errors import FailedPrecondition, InvalidArgument, NotFound
-from shared.jobs import EventType, JobState
+from fastserve.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from fastserve.runtime.jobs import EventType, JobState
 
 
 def test_lifecycle_events_in_order(stores):
@@ -95,7 +95,7 @@ def test_bad_requests(stores):
 
 
 def test_lease_is_exclusive_and_expires(stores):
-    from shared.job_lease import JobLease
+    from fastserve.runtime.job_lease import JobLease
 
     job = stores.jobs.create("training", "t", {})
     first = JobLease(stores.jobs.redis, job.job_id, ttl_seconds=0.6)
@@ -112,8 +112,8 @@ def test_lease_is_exclusive_and_expires(stores):
 
 
 def test_runner_skips_a_job_whose_lease_is_held(stores):
-    from shared import job_runner
-    from shared.job_lease import JobLease
+    from fastserve.runtime import job_runner
+    from fastserve.runtime.job_lease import JobLease
 
     job = stores.jobs.create("training", "test.never", {})
     held = JobLease(stores.jobs.redis, job.job_id, 5)
@@ -125,7 +125,7 @@ def test_runner_skips_a_job_whose_lease_is_held(stores):
 
 
 def test_orphans_are_requeued_once(stores):
-    from shared.job_lease import JobLease, recover_orphans
+    from fastserve.runtime.job_lease import JobLease, recover_orphans
 
     orphan = stores.jobs.create("training", "t", {})
     stores.jobs.transition(orphan.job_id, JobState.RUNNING)

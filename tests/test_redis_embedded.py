@@ -2,7 +2,7 @@
 
 import redis
 
-from shared.redis_server import answers, resolve_redis_url
+from fastserve.runtime.redis_server import answers, resolve_redis_url
 from tests.support.processes import free_port
 
 

@@ -15,10 +15,11 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from grpc_status import rpc_status
 
+from fastserve.client.channels import health_status
 from fastserve.common.v1 import errors_pb2
-from shared.channels import health_status, open_channel
-from shared.config import Config
-from shared.server import create_server
+from fastserve.runtime.channels import open_channel
+from fastserve.runtime.config import Config
+from fastserve.runtime.server import create_server
 from tests.support import probe
 from tests.support.processes import free_port, port_open, spawn, wait_serving
 
@@ -228,7 +229,7 @@ def test_metrics_per_method_and_code(channel):
 
     from prometheus_client import REGISTRY
 
-    from shared.metrics import serve_metrics
+    from fastserve.runtime.metrics import serve_metrics
 
     def calls(method, code):
         return REGISTRY.get_sample_value(
@@ -251,7 +252,7 @@ def test_json_log_lines():
     import json
     import logging
 
-    from shared.logs import JsonFormatter, request_id
+    from fastserve.runtime.logs import JsonFormatter, request_id
 
     token = request_id.set("abc")
     try:
@@ -264,7 +265,7 @@ def test_json_log_lines():
 
 
 def test_celery_accepts_json_only_and_survives_worker_loss():
-    from shared.celery_app import celery_settings
+    from fastserve.runtime.celery_app import celery_settings
 
     settings = celery_settings(Config())
     assert settings["accept_content"] == ["json"] and settings["task_serializer"] == "json"

@@ -11,13 +11,13 @@ import grpc
 import psutil
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from shared.channels import health_status
-from shared.config import SERVICES
+from fastserve.client.channels import health_status
+from fastserve.runtime.config import SERVICES
 from tests.support.processes import free_port, port_open
 
 
 def _fastserve(env, *args, timeout=180):
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fastserve.cli", *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import time
 
-from shared.config import Config
-from shared.job_queue import submit
-from shared.jobs import EventType, JobState
-from shared.stores import Stores
+from fastserve.runtime.config import Config
+from fastserve.runtime.job_queue import submit
+from fastserve.runtime.jobs import EventType, JobState
+from fastserve.runtime.stores import Stores
 from tests.support.processes import start_worker
 
 

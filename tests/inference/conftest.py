@@ -4,7 +4,7 @@ import grpc
 import pytest
 
 from fastserve.inference.v1 import inference_pb2_grpc
-from inference import grpc_service_pb2_grpc
+from fastserve.kserve.v2 import grpc_service_pb2_grpc
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from services.inference.batcher import BatchingSettings, DynamicBatcher
-from shared.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from fastserve.runtime.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from fastserve.services.inference.batcher import BatchingSettings, DynamicBatcher
 
 
 class Recorder:

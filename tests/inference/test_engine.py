@@ -1,5 +1,8 @@
-"""The generation engine in process: KV eviction to host memory and recomputation (decoder-only and
-encoder-decoder), chunked prefill, EOS, and the MLFQ policy's levels, demotion and promotion."""
+"""The model runner and the engine on real (tiny, trained) models: decoding stays transformers' greedy
+decoding through chunked prefill, KV eviction to host memory and recomputation (decoder-only and
+encoder-decoder), long decode rows attended on their own, and steps written by hand for the runner
+alone; EOS ends a sequence. Scheduling decisions themselves are tested without a model in
+test_scheduler.py."""
 
 from __future__ import annotations
 
@@ -10,10 +13,13 @@ import torch
 from prometheus_client import REGISTRY
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from services.inference.decoder import open_decoder
-from services.inference.engine import Engine, Finish, GenerationSettings, Sequence, separate_decode_rows
-from services.inference.sampling import Sampler, SamplingParams
-from services.inference.scheduling import Mlfq, MlfqSettings
+from fastserve.services.inference.attention import separate_decode_rows
+from fastserve.services.inference.decoder import open_decoder
+from fastserve.services.inference.engine import Engine, Finish, GenerationSettings, Sequence
+from fastserve.services.inference.model_runner import ModelRunner
+from fastserve.services.inference.sampling import SamplingParams
+from fastserve.services.inference.scheduling import MlfqSettings
+from fastserve.services.inference.step import NewSequence, Offload, Restore, ScheduledSequence, SchedulerOutput
 from tests.support.tiny_models import build_causal_lm, build_seq2seq
 
 
@@ -121,34 +127,6 @@ def test_decoding_is_exact_when_long_rows_attend_on_their_own(model):
         assert seq.generated == reference(model, prompt, n)
 
 
-def test_the_oldest_sequence_keeps_its_place_in_every_step(model):
-    """MLFQ with two places: short jobs arriving behind a long one take one place; with a place kept
-    for the oldest, the long job runs every step and finishes before most of them, without it, it
-    waits for all of them (the starvation bound is far away)."""
-    def run(oldest_places: int) -> tuple[Sequence, list[Sequence]]:
-        settings = MlfqSettings(base_quantum=2, starvation_ms=60000, oldest_places=oldest_places)
-        return long_job_then_shorts(engine(model, f"oldest-{oldest_places}", policy="mlfq", max_batch_size=2,
-                                           mlfq=settings), long_tokens=60, shorts=40)
-
-    long, shorts = run(oldest_places=1)
-    assert long.preemptions == 0 and sum(s.finished < long.finished for s in shorts) < 30
-    long, shorts = run(oldest_places=0)
-    assert long.preemptions > 0 and all(s.finished < long.finished for s in shorts)
-
-
-def long_job_then_shorts(eng: Engine, long_tokens: int, shorts: int) -> tuple[Sequence, list[Sequence]]:
-    """A long job that has used up its first quanta (base quantum 2: demoted to level 2), then a burst
-    of 6-token jobs; both, once all have finished."""
-    long = eng.submit(prompts(1)[0], SamplingParams(max_new_tokens=long_tokens))
-    while len(long.generated) < 10:
-        time.sleep(0.001)
-    burst = [eng.submit(p, SamplingParams(max_new_tokens=6)) for p in prompts(shorts, seed=5)]
-    for seq in [long, *burst]:
-        assert seq.done.wait(60)
-    eng.drain()
-    return long, burst
-
-
 def test_an_eos_token_ends_the_sequence_without_being_returned(model):
     prompt = prompts(1, seed=3)[0]
     expected = reference(model, prompt, 20)
@@ -158,43 +136,33 @@ def test_an_eos_token_ends_the_sequence_without_being_returned(model):
     assert seq.finish is Finish.EOS and seq.generated == expected[:expected.index(eos)]
 
 
-def test_a_starving_job_is_promoted_after_its_wait_bound(model):
-    """One long job behind a flood of short ones: without promotion it finishes last, with a short
-    starvation bound it goes back to the top level and finishes while short jobs still wait."""
-    def finish_rank(starvation_ms: int) -> int:
-        eng = engine(model, f"starve-{starvation_ms}", policy="mlfq", max_batch_size=1,
-                     mlfq=MlfqSettings(base_quantum=2, starvation_ms=starvation_ms))
-        long, shorts = long_job_then_shorts(eng, long_tokens=24, shorts=150)
-        return sum(s.finished < long.finished for s in shorts)
+def test_the_runner_executes_steps_written_by_hand_exactly(model):
+    """No scheduler: a prompt prefilled in two chunks in slot 2 beside another sequence in slot 0, its
+    cache then moved to host memory and back into slot 1; both sample transformers' greedy tokens."""
+    runner = ModelRunner(open_decoder(model), slots=3, context=256)
+    a, b = prompts(1, seed=8)[0] * 2, prompts(1, seed=9)[0]
+    half = len(a) // 2
+    tokens = {0: list(a), 1: list(b)}
 
-    assert finish_rank(starvation_ms=60000) == 150
-    assert finish_rank(starvation_ms=20) < 150
+    def run(*rows: tuple[int, int, int, int], **ops) -> None:
+        """rows: (sequence, slot, start, count); every row but a first chunk samples."""
+        step = SchedulerOutput([ScheduledSequence(i, slot, start, tokens[i][start:start + n],
+                                                  start + n == len(tokens[i])) for i, slot, start, n in rows], **ops)
+        out = runner.execute(step)
+        assert out.seq_ids == [s.seq_id for s in step.sequences if s.sample]
+        for i, sampled in zip(out.seq_ids, out.sampled_token_ids, strict=True):
+            tokens[i] += sampled
 
-
-def test_mlfq_levels_skip_join_demotion_and_promotion():
-    policy = Mlfq(MlfqSettings(levels=4, base_quantum=4, prompt_tokens_per_step=16, starvation_ms=100))
-
-    def seq(prompt_tokens: int) -> Sequence:
-        s = Sequence(list(range(prompt_tokens)), Sampler(SamplingParams()), 0, None, order=prompt_tokens)
-        policy.enter(s)
-        return s
-
-    short, medium, huge = seq(10), seq(100), seq(5000)
-    assert (short.level, medium.level, huge.level) == (0, 1, 3)  # quanta 4, 8, 16, 32 decode steps
-    assert [policy.account(short, 1) for _ in range(4)] == [False, False, False, True] and short.level == 1
-    assert policy.key(short) < policy.key(medium)  # the same level now: the earlier arrival first
-    huge.waited = 0.2
-    assert policy.promote([short, medium, huge]) == 1 and huge.level == 0 and huge.waited == 0
-
-
-def test_mlfq_order_puts_the_oldest_first_only_when_the_batch_is_full():
-    policy = Mlfq(MlfqSettings(base_quantum=4, oldest_places=1))
-    seqs = []
-    for order in range(4):
-        s = Sequence([1, 2, 3], Sampler(SamplingParams()), 0, None, order=order)
-        policy.enter(s)
-        seqs.append(s)
-    seqs[0].level = 3  # the oldest has been demoted
-    assert policy.order(seqs, batch_size=4) == [seqs[1], seqs[2], seqs[3], seqs[0]]  # all run anyway
-    assert policy.order(seqs, batch_size=2) == [seqs[0], seqs[1], seqs[2], seqs[3]]
-    assert policy.order(seqs, batch_size=1) == [seqs[1], seqs[2], seqs[3], seqs[0]]  # never the only place
+    greedy = SamplingParams()
+    run((0, 2, 0, half), (1, 0, 0, len(b)), new_sequences=[NewSequence(0, list(a), None, greedy),
+                                                           NewSequence(1, list(b), None, greedy)])
+    run((0, 2, half, len(a) - half), (1, 0, len(b), 1))
+    run((0, 2, len(a), 1), (1, 0, len(b) + 1, 1))
+    run((1, 0, len(b) + 2, 1), offloads=[Offload(0, 2, len(a) + 1)])
+    assert runner.host.keys() == {0}
+    run((0, 1, len(a) + 1, 1), (1, 0, len(b) + 3, 1), restores=[Restore(0, 1)])
+    run((0, 1, len(a) + 2, 1), (1, 0, len(b) + 4, 1))
+    assert tokens[0][len(a):] == reference(model, a, 4) and tokens[1][len(b):] == reference(model, b, 6)
+    assert not runner.host
+    runner.execute(SchedulerOutput(finished_ids=[0, 1]))
+    assert not runner.running

@@ -19,8 +19,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from fastserve.inference.v1 import inference_pb2 as pb
 from fastserve.inference.v1 import inference_pb2_grpc
-from inference import grpc_service_pb2 as kpb
-from shared.artifacts import ArtifactStore
+from fastserve.kserve.v2 import grpc_service_pb2 as kpb
+from fastserve.storage.artifacts import ArtifactStore
 from tests.support.processes import start_inference
 from tests.support.rpc import field_of, from_raw_bytes, raw_bytes
 from tests.support.tiny_models import build_causal_lm, build_seq2seq

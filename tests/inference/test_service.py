@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from fastserve.inference.v1 import inference_pb2 as pb
-from inference import grpc_service_pb2 as kpb
-from shared.artifacts import ArtifactStore
-from shared.model_refs import BUILTIN_MODELS
+from fastserve.kserve.v2 import grpc_service_pb2 as kpb
+from fastserve.models.refs import BUILTIN_MODELS
+from fastserve.storage.artifacts import ArtifactStore
 from tests.support.processes import start_inference
 from tests.support.rpc import field_of, raw_bytes
 
@@ -37,7 +37,7 @@ def home(tmp_path_factory):
             for item in source.iterdir():
                 if item.is_file():
                     shutil.copy(item, draft.path / item.name)
-    from services.optimization.export import export_encoder_onnx
+    from fastserve.services.optimization.export import export_encoder_onnx
 
     with store.publish("models", "minilm-onnx") as draft:
         export_encoder_onnx(source, draft.path)

@@ -8,11 +8,11 @@ import grpc
 import pytest
 
 from fastserve.common.v1 import jobs_pb2
+from fastserve.models.encoders import open_backend
 from fastserve.optimization.v1 import optimization_pb2 as pb
 from fastserve.optimization.v1 import optimization_pb2_grpc
-from services.inference.backends import open_backend
-from shared.config import Config
-from shared.stores import Stores
+from fastserve.runtime.config import Config
+from fastserve.runtime.stores import Stores
 from tests.conftest import private_env
 from tests.support.processes import service_with_worker
 from tests.support.rpc import field_of

@@ -24,8 +24,11 @@ from transformers import (
     T5Config,
 )
 
-from services.optimization import export, measure, prune, quantize
-from shared.errors import FailedPrecondition, InvalidArgument
+from fastserve.models import quantized
+from fastserve.models.kinds import DECODER, ENCODER
+from fastserve.models.loading import load_model
+from fastserve.runtime.errors import FailedPrecondition, InvalidArgument
+from fastserve.services.optimization import export, measure, prune, quantize
 
 SENTENCES = [
     "The cat sat on the warm windowsill all afternoon.",
@@ -168,11 +171,12 @@ def gpt_onnx(gpt_dir, tmp_path_factory) -> Path:
 
 
 def load_gpt(folder: Path):
-    return AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    """Through the models layer, as every service loads: plain, pruned and quantized folders alike."""
+    return load_model(folder, DECODER)
 
 
 def load_minilm(folder: Path):
-    return AutoModel.from_pretrained(str(folder)).eval()
+    return load_model(folder, ENCODER)
 
 
 def encode(tokenizer, texts=SENTENCES[:8]):
@@ -484,12 +488,12 @@ def test_torchao_minilm_save_load_round_trips_without_pickle(minilm_dir, tokeniz
     model = quantize.quantize_torch(load_minilm(minilm_dir), "int8_dynamic")
     batch = encode(tokenizer)
     expected = hidden(model, batch)
-    quantize.save_quantized_torch(model, tmp_path / "q")
+    quantized.save_quantized_torch(model, tmp_path / "q")
     assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["config.json", "model.safetensors",
                                                                    "quantization.json"]
     # Linear weights in int8 (the embedding tables, half of MiniLM, stay fp32 in torchao)
     assert measure.size_on_disk(tmp_path / "q") < 0.7 * measure.size_on_disk(minilm_dir / "model.safetensors")
-    loaded = quantize.load_quantized_torch(tmp_path / "q", AutoModel)
+    loaded = load_minilm(tmp_path / "q")
     assert type(loaded.encoder.layer[0].output.dense.weight) is type(model.encoder.layer[0].output.dense.weight)
     assert torch.equal(hidden(loaded, batch), expected)
 
@@ -500,7 +504,7 @@ def test_torchao_gpt_conv1d_and_tied_head_round_trip(gpt_dir, tmp_path):
     ids = torch.from_numpy(pattern_blocks(2, seed=9))
     expected = logits(model, ids)
     assert torch.allclose(expected, logits(load_gpt(gpt_dir), ids), atol=0.1)
-    quantize.save_quantized_torch(model, tmp_path / "q")
-    loaded = quantize.load_quantized_torch(tmp_path / "q", AutoModelForCausalLM)
+    quantized.save_quantized_torch(model, tmp_path / "q")
+    loaded = load_gpt(tmp_path / "q")
     assert loaded.lm_head.weight is loaded.transformer.wte.weight  # still tied
     assert torch.equal(logits(loaded, ids), expected)

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.preprocessing.cleaning import (
+from fastserve.runtime.errors import InvalidArgument
+from fastserve.services.preprocessing.cleaning import (
     EXAMPLE_CHARS,
     STEP_NAMES,
     CleaningPipeline,
@@ -20,7 +21,6 @@ from services.preprocessing.cleaning import (
     _mulmod_mersenne,
     clean_texts,
 )
-from shared.errors import InvalidArgument
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -153,7 +153,7 @@ def test_dedup_near_same_result_in_fresh_pipelines():
 
 def test_dedup_near_signature_is_the_same_in_other_processes():
     """blake2b and a seeded RandomState, not Python's salted hash(): other hash seeds give the same signature."""
-    code = ("import json; from services.preprocessing.cleaning import _DedupNear; "
+    code = ("import json; from fastserve.services.preprocessing.cleaning import _DedupNear; "
             "print(json.dumps(_DedupNear(0.8, 64, 16, 3).signature('the quick brown fox jumps').tolist()))")
     signatures = []
     for seed in ("1", "2"):

@@ -8,13 +8,18 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from services.preprocessing.corpus import UploadHeader, lines, parse_upload, publish_corpus
-from services.preprocessing.dataset_builder import DatasetSpec, assign_splits, build_dataset
-from services.preprocessing.stdlib_corpus import stdlib_documents
-from services.preprocessing.tokenizer_training import TokenizerSpec, load_tokenizer, save_tokenizer, train_tokenizer
-from shared.artifacts import ArtifactStore
-from shared.datasets import DatasetReader
-from shared.errors import InvalidArgument
+from fastserve.corpora.stdlib import stdlib_documents
+from fastserve.runtime.errors import InvalidArgument
+from fastserve.services.preprocessing.corpus import UploadHeader, lines, parse_upload, publish_corpus
+from fastserve.services.preprocessing.dataset_builder import DatasetSpec, assign_splits, build_dataset
+from fastserve.services.preprocessing.tokenizer_training import (
+    TokenizerSpec,
+    load_tokenizer,
+    save_tokenizer,
+    train_tokenizer,
+)
+from fastserve.storage.artifacts import ArtifactStore
+from fastserve.storage.datasets import DatasetReader
 
 
 @pytest.fixture(scope="module")

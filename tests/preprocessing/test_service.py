@@ -14,9 +14,9 @@ from transformers import AutoTokenizer
 from fastserve.common.v1 import jobs_pb2
 from fastserve.preprocessing.v1 import preprocessing_pb2 as pb
 from fastserve.preprocessing.v1 import preprocessing_pb2_grpc
-from shared.config import Config
-from shared.datasets import DatasetReader
-from shared.stores import Stores
+from fastserve.runtime.config import Config
+from fastserve.runtime.stores import Stores
+from fastserve.storage.datasets import DatasetReader
 from tests.conftest import private_env
 from tests.support.processes import service_with_worker
 from tests.support.rpc import field_of

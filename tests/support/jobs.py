@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import time
 
-from shared.errors import InvalidArgument
-from shared.job_runner import JobContext, job_handler
+from fastserve.runtime.errors import InvalidArgument
+from fastserve.runtime.job_runner import JobContext, job_handler
 
 
 @job_handler("test.count")

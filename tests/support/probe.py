@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from shared import errors
+from fastserve.runtime import errors
 
 SERVICE = "fastserve.test.v1.ProbeService"
 
@@ -70,6 +70,6 @@ def stream(channel: grpc.Channel, method: str, payload: bytes, **kwargs):
 
 if __name__ == "__main__":
     # A probe server process for the SIGTERM test: the full `serve` path, on the inference settings.
-    from shared.server import serve
+    from fastserve.runtime.server import serve
 
     serve("inference", register)

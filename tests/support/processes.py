@@ -17,8 +17,8 @@ from pathlib import Path
 import grpc
 from celery import Celery
 
-from shared.channels import health_status
-from shared.config import JOB_SERVICES
+from fastserve.client.channels import health_status
+from fastserve.runtime.config import JOB_SERVICES
 
 
 def free_port() -> int:
@@ -92,13 +92,13 @@ def start_inference(home: Path, log: Path, timeout: float = 180.0, **settings: s
 
 
 def start_service(service: str, env: dict[str, str], log_dir: Path) -> Proc:
-    """`python -m services.<service>` on a free port, returned once its health check says SERVING."""
+    """`python -m fastserve.services.<service>` on a free port, returned once its health check says SERVING."""
     return _serve(service, env, log_dir / f"{service}.log", timeout=60.0)
 
 
 def _serve(service: str, env: dict[str, str], log: Path, timeout: float) -> Proc:
     port = free_port()
-    proc = spawn([sys.executable, "-m", f"services.{service}"],
+    proc = spawn([sys.executable, "-m", f"fastserve.services.{service}"],
                  {**env, f"FASTSERVE_{service.upper()}_PORT": str(port)}, log, port)
     wait_serving(proc, timeout=timeout)
     return proc
@@ -108,8 +108,9 @@ def start_worker(env: dict[str, str], log_dir: Path, include: str = "tests.suppo
                  queues: tuple[str, ...] = JOB_SERVICES, timeout: float = 60.0) -> Proc:
     """A real Celery worker process, returned once it answers a ping."""
     node = f"test-{uuid.uuid4().hex[:8]}@localhost"
-    proc = spawn([sys.executable, "-m", "celery", "-A", "shared.celery_app", "worker", "-Q", ",".join(queues),
-                  "-n", node, "-I", include, "--concurrency", "1", "--without-mingle", "--without-gossip"],
+    proc = spawn([sys.executable, "-m", "celery", "-A", "fastserve.runtime.celery_app", "worker",
+                  "-Q", ",".join(queues), "-n", node, "-I", include,
+                  "--concurrency", "1", "--without-mingle", "--without-gossip"],
                  env, log_dir / f"worker-{node.split('@')[0]}.log")
     proc.node = node
     app = Celery(broker=env["FASTSERVE_REDIS_URL"])

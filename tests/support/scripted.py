@@ -12,11 +12,11 @@ from google.protobuf import struct_pb2
 from fastserve.common.v1 import jobs_pb2
 from fastserve.inference.v1 import inference_pb2 as inf_pb
 from fastserve.inference.v1 import inference_pb2_grpc
+from fastserve.runtime import errors
+from fastserve.runtime.config import Config
+from fastserve.runtime.server import RunningServer, create_server
 from fastserve.training.v1 import training_pb2 as train_pb
 from fastserve.training.v1 import training_pb2_grpc
-from shared import errors
-from shared.config import Config
-from shared.server import RunningServer, create_server
 
 S, E = jobs_pb2.JobState, jobs_pb2.JobEventType
 

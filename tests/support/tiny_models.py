@@ -17,8 +17,8 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from services.preprocessing.stdlib_corpus import stdlib_documents
-from services.preprocessing.tokenizer_training import TokenizerSpec, save_tokenizer, train_tokenizer
+from fastserve.corpora.stdlib import stdlib_documents
+from fastserve.services.preprocessing.tokenizer_training import TokenizerSpec, save_tokenizer, train_tokenizer
 
 
 def _tokenizer(folder: Path, vocab: int, seed: int, documents: int):

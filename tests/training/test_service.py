@@ -15,12 +15,12 @@ from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastserve.common.v1 import jobs_pb2
+from fastserve.runtime.config import Config
+from fastserve.runtime.stores import Stores
+from fastserve.services.preprocessing.core import Preprocessing
+from fastserve.storage.datasets import DatasetReader
 from fastserve.training.v1 import training_pb2 as pb
 from fastserve.training.v1 import training_pb2_grpc
-from services.preprocessing.core import Preprocessing
-from shared.config import Config
-from shared.datasets import DatasetReader
-from shared.stores import Stores
 from tests.conftest import private_env
 from tests.support.processes import start_service, start_worker
 from tests.support.rpc import field_of

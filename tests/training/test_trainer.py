@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from services.preprocessing.core import Preprocessing
-from services.training.core import Training
-from services.training.data import Position, Sampler
-from services.training.spec import TrainingSpec
-from services.training.trainer import Stopped
-from shared.config import Config
-from shared.errors import FailedPrecondition, InvalidArgument
-from shared.stores import Stores
+from fastserve.runtime.config import Config
+from fastserve.runtime.errors import FailedPrecondition, InvalidArgument
+from fastserve.runtime.stores import Stores
+from fastserve.services.preprocessing.core import Preprocessing
+from fastserve.services.training.core import Training
+from fastserve.services.training.data import Position, Sampler
+from fastserve.services.training.spec import TrainingSpec
+from fastserve.services.training.trainer import Stopped
 
 
 class Recorder:
@@ -96,7 +96,7 @@ def test_requests_are_checked(setup):
 
 @pytest.fixture(scope="module")
 def task_datasets(setup):
-    from services.preprocessing.corpus import publish_corpus
+    from fastserve.services.preprocessing.corpus import publish_corpus
 
     stores, clm = setup
     pre = Preprocessing(stores)

@@ -1,0 +1,37 @@
+"""Client of `fastserve.training.v1.TrainingService`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fastserve.client.calls import SUBMIT
+from fastserve.client.jobs import JobClient
+from fastserve.client.specs import enum_value, fill
+from fastserve.common.v1 import jobs_pb2
+from fastserve.training.v1 import training_pb2 as pb
+from fastserve.training.v1 import training_pb2_grpc
+
+
+class TrainingClient(JobClient):
+    stub_class = training_pb2_grpc.TrainingServiceStub
+    pb = pb
+
+    def submit_training_job(self, *, dataset_uri: str, output_name: str,
+                            model: str | pb.ArchitectureConfig | pb.ModelSpec, task: str | int = "causal_lm",
+                            tokenizer_uri: str = "",
+                            hyperparameters: pb.Hyperparameters | Mapping[str, Any] | None = None,
+                            num_processes: int = 0, timeout: float | None = None) -> jobs_pb2.Job:
+        """Queue a training job. `model` is a pretrained model's URI to fine-tune, or the architecture
+        of a new one; `hyperparameters` a message or its fields by name (`{"max_steps": 100}`)."""
+        if isinstance(model, str):
+            model = pb.ModelSpec(pretrained_uri=model)
+        elif isinstance(model, pb.ArchitectureConfig):
+            model = pb.ModelSpec(architecture=model)
+        if not isinstance(hyperparameters, pb.Hyperparameters):
+            hyperparameters = fill(pb.Hyperparameters(), dict(hyperparameters or {}), "hyperparameters")
+        request = pb.SubmitTrainingJobRequest(
+            model=model, task=enum_value(pb.TrainingTask, task, "task"), dataset_uri=dataset_uri,
+            tokenizer_uri=tokenizer_uri, hyperparameters=hyperparameters, output_name=output_name,
+            num_processes=num_processes)
+        return self._unary("SubmitTrainingJob", request, timeout, SUBMIT, False).job

@@ -1,0 +1,160 @@
+"""Generation requests: checked, tokenized, run on the engine, and turned back into text. No gRPC here.
+
+A completion's text never contains a stop sequence; while streaming, the last characters that could
+still turn out to start one are held back until they cannot (output_processor.py does both).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from fastserve.models.kinds import DECODER, SEQ2SEQ, model_kind
+from fastserve.models.loading import load_model, pick_device, torch_dtype
+from fastserve.models.tokenizers import load_tokenizer
+from fastserve.runtime.errors import DeadlineExceeded, InvalidArgument
+from fastserve.services.inference.decoder import open_decoder
+from fastserve.services.inference.engine import Engine, Finish, GenerationSettings, Sequence
+from fastserve.services.inference.output_processor import final_text, raise_if_cut_short, text_stream
+from fastserve.services.inference.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    text: str | None = None  # exactly one of text and token_ids
+    token_ids: list[int] | None = None
+    params: SamplingParams = SamplingParams()
+    max_new_tokens_set: bool = False  # False: params.max_new_tokens is the default, fitted to the window
+    priority: int = 0
+    deadline: float | None = None  # time.monotonic()
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    queue_ms: float
+    time_to_first_token_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a streamed completion; the last one has `finish` and `usage`."""
+
+    text: str
+    token_ids: list[int]
+    finish: Finish | None = None
+    usage: Usage | None = None
+
+
+class Generator:
+    """A causal LM or an encoder-decoder served for generation: its tokenizer and its engine."""
+
+    task = "generation"
+    platform = "pytorch"
+
+    def __init__(self, name: str, folder: Path, dtype: str, settings: GenerationSettings) -> None:
+        device = pick_device()
+        model_dtype = torch_dtype(dtype, device)
+        settings.check()
+        # Anything asked to generate that is not an encoder-decoder is run as a causal LM.
+        kind = SEQ2SEQ if model_kind(folder) == SEQ2SEQ else DECODER
+        model = load_model(folder, kind, model_dtype, device)
+        self.tokenizer = load_tokenizer(folder, field="model_uri")
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        decoder = open_decoder(model)
+        self.vocab_size, self.encoder_decoder = decoder.vocab_size, decoder.encoder_decoder
+        self.engine = Engine(name, decoder, settings, _eos_ids(folder), self.decode)
+        self.context = self.engine.context
+        # An encoder's input has a window of its own; a decoder's prompt shares the window with the output.
+        self.max_prompt = decoder.max_source if decoder.encoder_decoder else self.context - 1
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if request.token_ids is not None:
+            ids, field = list(request.token_ids), "token_ids.ids"
+            bad = next((i for i, t in enumerate(ids) if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise InvalidArgument(f"token id {ids[bad]} is outside the vocabulary of {self.vocab_size}",
+                                      field=f"token_ids.ids[{bad}]")
+        else:
+            # An encoder's input carries its special tokens (T5's closing </s>); a decoder's prompt does not.
+            ids = self.tokenizer.encode(request.text or "", add_special_tokens=self.encoder_decoder).ids
+            field = "text"
+        if not ids:
+            raise InvalidArgument("the prompt is empty", field=field)
+        if len(ids) > self.max_prompt:
+            raise InvalidArgument(f"the prompt has {len(ids)} tokens, over the {self.max_prompt} this model "
+                                  f"takes (its window is {self.context} and one token must be left to generate)",
+                                  field=field)
+        return ids
+
+    def submit(self, request: GenerationRequest) -> Sequence:
+        params = check_params(request.params)
+        prompt = self.prompt_ids(request)
+        room = self.context - (1 if self.encoder_decoder else len(prompt))  # the window left to generate into
+        if not request.max_new_tokens_set:
+            params = replace(params, max_new_tokens=min(params.max_new_tokens, room))
+        elif params.max_new_tokens > room:
+            raise InvalidArgument(f"max_new_tokens {params.max_new_tokens} does not fit: {room} tokens are left "
+                                  f"of the {self.context}-token window after the prompt",
+                                  field="sampling.max_new_tokens")
+        return self.engine.submit(prompt, params, request.priority, request.deadline)
+
+    def complete(self, seq: Sequence, deadline: float | None) -> tuple[str, list[int], Finish, Usage]:
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        if not seq.done.wait(timeout):
+            seq.cancel()
+            raise DeadlineExceeded("the deadline passed before generation finished")
+        raise_if_cut_short(seq, deadline)
+        return final_text(seq, self.decode), seq.generated, seq.finish, usage(seq)
+
+    def stream(self, seq: Sequence, deadline: float | None) -> Iterator[Chunk]:
+        """Chunks as tokens come: every token the engine produced since the previous chunk."""
+        for piece in text_stream(seq, self.decode, deadline):
+            yield Chunk(piece.text, piece.token_ids, seq.finish if piece.last else None,
+                        usage(seq) if piece.last else None)
+
+    def drain(self) -> None:
+        self.engine.drain()
+
+
+def check_params(p: SamplingParams) -> SamplingParams:
+    if p.max_new_tokens <= 0:
+        raise InvalidArgument(f"max_new_tokens must be at least 1, got {p.max_new_tokens}",
+                              field="sampling.max_new_tokens")
+    if p.temperature < 0:
+        raise InvalidArgument(f"temperature must be >= 0, got {p.temperature}", field="sampling.temperature")
+    if not 0 < p.top_p <= 1:
+        raise InvalidArgument(f"top_p must be in (0, 1], got {p.top_p}", field="sampling.top_p")
+    if p.top_k < 0:
+        raise InvalidArgument(f"top_k must be >= 0, got {p.top_k}", field="sampling.top_k")
+    if p.repetition_penalty <= 0:
+        raise InvalidArgument(f"repetition_penalty must be > 0, got {p.repetition_penalty}",
+                              field="sampling.repetition_penalty")
+    if any(not s for s in p.stop_sequences):
+        raise InvalidArgument("stop sequences must not be empty", field="sampling.stop_sequences")
+    return p
+
+
+def usage(seq: Sequence) -> Usage:
+    ms = lambda t: 0.0 if t is None else (t - seq.arrival) * 1e3  # noqa: E731
+    return Usage(seq.prompt_tokens, len(seq.generated), ms(seq.started), ms(seq.first_token), ms(seq.finished))
+
+
+def _eos_ids(folder: Path) -> set[int]:
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name
+        if path.is_file():
+            config = json.loads(path.read_text())
+            if "eos_token_id" in config:  # generation_config.json wins, as in transformers' generate
+                eos = config["eos_token_id"]
+                return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return set()

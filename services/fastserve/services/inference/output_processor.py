@@ -1,0 +1,100 @@
+"""From sampled tokens to what a caller sees: stop sequences, token timings, stream events, the text.
+
+The scheduler ends sequences on what token ids alone decide (EOS, stop token ids, length); stop
+sequences are text, so they are found here, where the tokenizer's `decode` is, and the engine tells
+the scheduler to stop the sequence in the same step. Streams get each step's new tokens, then None;
+`text_stream` and `final_text` turn them into text that never contains a stop sequence (while
+streaming, the last characters that could still turn out to start one are held back until they cannot).
+No torch here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from fastserve.runtime.errors import Cancelled, DeadlineExceeded
+from fastserve.services.inference.generation_metrics import EngineMetrics
+from fastserve.services.inference.sequence import Finish, Sequence, SequenceUpdate
+
+Decode = Callable[[list[int]], str]
+
+
+class OutputProcessor:
+    def __init__(self, decode: Decode, metrics: EngineMetrics) -> None:
+        self.decode, self.metrics = decode, metrics
+
+    def stopped(self, updates: list[SequenceUpdate]) -> list[SequenceUpdate]:
+        """The updates whose new tokens complete one of their sequence's stop sequences."""
+        return [u for u in updates if u.token_ids and u.seq.params.stop_sequences and self._hits_stop(u.seq)]
+
+    def _hits_stop(self, seq: Sequence) -> bool:
+        stops = seq.params.stop_sequences
+        # Only the tail can hold a new match; decoding it, not the whole completion, keeps this O(1) a token.
+        tail = self.decode(seq.generated[-(4 * max(map(len, stops)) + 8):])
+        return any(stop in tail for stop in stops)
+
+    def publish(self, updates: list[SequenceUpdate]) -> None:
+        """Record token timings and hand new tokens, then the end, to each sequence's stream."""
+        now = time.monotonic()
+        for u in updates:
+            seq = u.seq
+            if u.sampled:  # an EOS counts too: it is the token that came
+                if seq.first_token is None:
+                    seq.first_token = now
+                    self.metrics.ttft.observe(now - seq.arrival)
+                else:
+                    self.metrics.itl.observe(now - seq.last_token)
+                seq.last_token = now
+            if u.token_ids:
+                seq.events.put(u.token_ids)
+            if u.finish is not None:
+                seq.events.put(None)
+                seq.done.set()
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Text and token ids produced since the previous piece; `last` ends the stream."""
+
+    text: str
+    token_ids: list[int]
+    last: bool
+
+
+def raise_if_cut_short(seq: Sequence, deadline: float | None) -> None:
+    if seq.finish is Finish.CANCELLED:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("the deadline passed before generation finished")
+        raise Cancelled("generation was cancelled")
+
+
+def final_text(seq: Sequence, decode: Decode) -> str:
+    text = decode(seq.generated)
+    if seq.finish is Finish.STOP:
+        cuts = [text.find(s) for s in seq.params.stop_sequences if s in text]
+        text = text[:min(cuts)] if cuts else text
+    return text
+
+
+def text_stream(seq: Sequence, decode: Decode, deadline: float | None) -> Iterator[Piece]:
+    """Pieces as tokens come: every token the engine produced since the previous piece."""
+    stops = seq.params.stop_sequences
+    hold = max(map(len, stops), default=1) - 1
+    emitted, sent_ids, ended = "", 0, False
+    while not ended:
+        batch = [seq.events.get()]
+        while not seq.events.empty():
+            batch.append(seq.events.get())
+        ended = batch[-1] is None
+        if ended:
+            raise_if_cut_short(seq, deadline)
+            text = final_text(seq, decode)
+        else:
+            text = decode(seq.generated).rstrip("\ufffd")  # wait for a character's last bytes
+            text = text[:max(len(text) - hold, 0)] if stops else text
+        ids = seq.generated[sent_ids:]
+        if text.startswith(emitted) and (len(text) > len(emitted) or ids or ended):
+            yield Piece(text[len(emitted):], ids, ended)
+            emitted, sent_ids = text, sent_ids + len(ids)

@@ -1,0 +1,77 @@
+"""One generation request inside the engine, as plain Python (no torch): its tokens, where its KV cache
+is, its place in the scheduling policy, its timings, and the stream its tokens go out on.
+
+The scheduler owns every field but `cancelled` (set from a request thread) and the timings and stream
+(the output processor's). The model runner never sees a Sequence: it gets a step's plain description
+(step.py), so sequence state cannot leak into device code and scheduling runs without a model.
+"""
+
+from __future__ import annotations
+
+import enum
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from fastserve.services.inference.sampling_params import SamplingParams
+
+
+class Finish(enum.StrEnum):
+    LENGTH = "length"
+    STOP = "stop"
+    EOS = "eos"
+    CANCELLED = "cancelled"
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt: list[int]  # what the decoder starts from: the prompt, or an encoder-decoder's start token
+    params: SamplingParams
+    priority: int
+    deadline: float | None
+    source: list[int] | None = None  # an encoder-decoder's input
+    encoded: bool = False  # its encoder states are in its slot
+    order: int = 0  # arrival order, given by the scheduler; also the sequence's id in steps
+    arrival: float = field(default_factory=time.monotonic)
+    tokens: list[int] = field(default_factory=list)  # prompt + generated: what the cache must hold
+    cached: int = 0  # leading tokens whose keys/values are in the slot (or its host copy)
+    slot: int | None = None
+    on_host: bool = False  # evicted with its cache copied to host memory (the runner holds the copy)
+    level: int = 0
+    quantum_used: int = 0
+    waited: float = 0.0  # seconds left out of steps since it entered its MLFQ level
+    started: float | None = None  # first scheduled: from here on the runner knows it
+    first_token: float | None = None
+    last_token: float = 0.0
+    running: bool = False  # ran in the latest step
+    finished: float | None = None
+    finish: Finish | None = None
+    preemptions: int = 0
+    cancelled: bool = False
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # lists of new ids, then None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.tokens = list(self.prompt)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.source if self.source is not None else self.prompt)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[len(self.prompt):]
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass(slots=True)
+class SequenceUpdate:
+    """What one step did to a sequence, from the scheduler to the output processor."""
+
+    seq: Sequence
+    token_ids: list[int]  # tokens it gained (not an EOS or stop token id, which end it unreturned)
+    finish: Finish | None = None
+    sampled: bool = True  # False: ended without running (cancelled, expired), so no token timing

@@ -1,0 +1,201 @@
+"""gRPC servicer of `fastserve.inference.v1.InferenceService`: protobuf in, the core, protobuf out."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import grpc
+
+from fastserve.inference.v1 import inference_pb2 as pb
+from fastserve.inference.v1 import inference_pb2_grpc
+from fastserve.runtime.stores import Stores
+from fastserve.services.inference.batcher import BatchingSettings
+from fastserve.services.inference.core import Inference
+from fastserve.services.inference.engine import GenerationSettings
+from fastserve.services.inference.generator import Chunk, GenerationRequest, Usage
+from fastserve.services.inference.repository import LoadedModel, ModelRepository, ModelSettings
+from fastserve.services.inference.sampling import SamplingParams
+from fastserve.services.inference.scheduling import MlfqSettings
+
+SERVICE = "inference"
+BACKENDS = {pb.BACKEND_UNSPECIFIED: "pytorch", pb.BACKEND_PYTORCH: "pytorch", pb.BACKEND_ONNXRUNTIME: "onnxruntime"}
+TASKS = {pb.MODEL_TASK_UNSPECIFIED: "", pb.MODEL_TASK_EMBEDDING: "embedding",
+         pb.MODEL_TASK_SEQUENCE_CLASSIFICATION: "sequence_classification", pb.MODEL_TASK_RAW: "raw",
+         pb.MODEL_TASK_GENERATION: "generation"}
+TASK_ENUMS = {v: k for k, v in TASKS.items() if v}
+
+
+def deadline_of(context: grpc.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    # Without a deadline gRPC reports an effectively infinite remaining time.
+    return None if remaining is None or remaining > 86400 * 365 else time.monotonic() + remaining
+
+
+def settings_from_proto(config: pb.ModelConfig) -> ModelSettings:
+    batching = BatchingSettings(instances=config.instances or 1)
+    if config.HasField("batching"):
+        b = config.batching
+        batching = BatchingSettings(enabled=b.enabled, max_batch_size=b.max_batch_size or 32,
+                                    max_queue_delay_us=b.max_queue_delay_us, max_queue_size=b.max_queue_size or 1024,
+                                    instances=config.instances or 1)
+    return ModelSettings(backend=BACKENDS[config.backend], task=TASKS[config.task], dtype=config.dtype,
+                         batching=batching, generation=generation_settings(config))
+
+
+def generation_settings(config: pb.ModelConfig) -> GenerationSettings:
+    g, defaults, mlfq = config.generation, GenerationSettings(), MlfqSettings()
+    oldest_places = g.mlfq_oldest_places if g.HasField("mlfq_oldest_places") else mlfq.oldest_places
+    return GenerationSettings(
+        policy="mlfq" if config.scheduling == pb.SCHEDULING_POLICY_MLFQ else "fcfs",
+        max_batch_size=config.batching.max_batch_size or defaults.max_batch_size,
+        max_queue_size=config.batching.max_queue_size or defaults.max_queue_size,
+        kv_slots=g.kv_slots, context=g.context, max_prefill_tokens=g.max_prefill_tokens or defaults.max_prefill_tokens,
+        host_slots=g.host_slots if g.HasField("host_slots") else -1,
+        mlfq=MlfqSettings(levels=g.mlfq_levels or mlfq.levels, base_quantum=g.mlfq_base_quantum or mlfq.base_quantum,
+                          starvation_ms=g.mlfq_starvation_ms or mlfq.starvation_ms,
+                          oldest_places=oldest_places))
+
+
+def generation_request(request: pb.GenerateRequest | pb.GenerateStreamRequest,
+                       context: grpc.ServicerContext) -> GenerationRequest:
+    s = request.sampling
+    params = SamplingParams(
+        max_new_tokens=s.max_new_tokens if s.HasField("max_new_tokens") else SamplingParams.max_new_tokens,
+        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p or 1.0,
+        repetition_penalty=s.repetition_penalty or 1.0, seed=s.seed if s.HasField("seed") else None,
+        stop_sequences=tuple(s.stop_sequences), stop_token_ids=tuple(s.stop_token_ids))
+    prompt = request.WhichOneof("prompt")
+    return GenerationRequest(text=request.text if prompt == "text" else None,
+                             token_ids=list(request.token_ids.ids) if prompt == "token_ids" else None,
+                             params=params, max_new_tokens_set=s.HasField("max_new_tokens"),
+                             priority=request.priority, deadline=deadline_of(context))
+
+
+def usage_proto(usage: Usage) -> pb.Usage:
+    return pb.Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                    queue_time_ms=usage.queue_ms, time_to_first_token_ms=usage.time_to_first_token_ms,
+                    total_time_ms=usage.total_ms)
+
+
+def chunk_proto(chunk: Chunk) -> pb.GenerateStreamResponse:
+    return pb.GenerateStreamResponse(
+        text=chunk.text, token_ids=chunk.token_ids,
+        finish_reason=FINISH[chunk.finish] if chunk.finish else pb.FINISH_REASON_UNSPECIFIED,
+        usage=usage_proto(chunk.usage) if chunk.usage else None)
+
+
+FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS,
+          "cancelled": pb.FINISH_REASON_CANCELLED}
+
+
+def status_of(model: LoadedModel) -> pb.ModelStatus:
+    b = model.settings.batching
+    status = pb.ModelStatus(
+        name=model.name, version=model.version, state=pb.ModelState.Value(f"MODEL_STATE_{model.state.value}"),
+        error=model.error, model_uri=model.uri,
+        config=pb.ModelConfig(
+            backend=pb.BACKEND_ONNXRUNTIME if model.settings.backend == "onnxruntime" else pb.BACKEND_PYTORCH,
+            task=TASK_ENUMS.get(model.task, pb.MODEL_TASK_UNSPECIFIED), dtype=model.settings.dtype,
+            instances=b.instances,
+            batching=pb.BatchingConfig(enabled=b.enabled, max_batch_size=b.max_batch_size,
+                                       max_queue_delay_us=b.max_queue_delay_us, max_queue_size=b.max_queue_size)))
+    return generation_status(model, status) if model.task == "generation" and model.backend else status
+
+
+def generation_status(model: LoadedModel, status: pb.ModelStatus) -> pb.ModelStatus:
+    """The engine's effective settings, in place of the encoder batching ones."""
+    engine, g = model.backend.engine, model.settings.generation
+    status.config.scheduling = pb.SCHEDULING_POLICY_MLFQ if g.policy == "mlfq" else pb.SCHEDULING_POLICY_FCFS
+    status.config.batching.CopyFrom(pb.BatchingConfig(enabled=True, max_batch_size=g.max_batch_size,
+                                                      max_queue_size=g.max_queue_size))
+    status.config.generation.CopyFrom(pb.GenerationConfig(
+        kv_slots=engine.cache.slots, context=engine.context, max_prefill_tokens=g.max_prefill_tokens,
+        host_slots=engine.cache.host_slots, mlfq_levels=g.mlfq.levels, mlfq_base_quantum=g.mlfq.base_quantum,
+        mlfq_starvation_ms=g.mlfq.starvation_ms, mlfq_oldest_places=g.mlfq.oldest_places))
+    return status
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    """Model management, encoder inference and generation."""
+
+    def __init__(self, core: Inference) -> None:
+        self.core = core
+        self.repository = core.repository
+
+    def LoadModel(self, request: pb.LoadModelRequest, context):
+        model = self.repository.load(request.name, request.model_uri, request.version,
+                                     settings_from_proto(request.config))
+        return pb.LoadModelResponse(status=status_of(model))
+
+    def UnloadModel(self, request: pb.UnloadModelRequest, context):
+        self.repository.unload(request.name, request.version)
+        return pb.UnloadModelResponse()
+
+    def ListModels(self, request: pb.ListModelsRequest, context):
+        models = [m for m in self.repository.all() if not request.ready_only or m.state.value == "READY"]
+        return pb.ListModelsResponse(models=[status_of(m) for m in models])
+
+    def GetModelStatus(self, request: pb.GetModelStatusRequest, context):
+        models = [m for m in self.repository.all() if m.name == request.name and
+                  (not request.version or m.version == request.version)]
+        if not models:
+            self.repository.get(request.name, request.version)  # raises the precise NOT_FOUND
+        return pb.GetModelStatusResponse(status=status_of(models[-1]))
+
+    def Embed(self, request: pb.EmbedRequest, context):
+        result = self.core.run(request.model, request.version, list(request.texts), request.truncate,
+                               request.priority, deadline_of(context), "embedding",
+                               lambda future: context.add_callback(future.cancel))
+        return pb.EmbedResponse(embeddings=[pb.Embedding(values=row) for row in result.outputs.tolist()],
+                                dimension=int(result.outputs.shape[1]))
+
+    def Classify(self, request: pb.ClassifyRequest, context):
+        result = self.core.run(request.model, request.version, list(request.texts), request.truncate,
+                               request.priority, deadline_of(context), "sequence_classification",
+                               lambda future: context.add_callback(future.cancel))
+        labels = result.model.backend.labels
+        classifications = []
+        for probs in result.outputs:
+            order = probs.argsort()[::-1][:request.top_k or len(labels)]
+            classifications.append(pb.Classification(
+                label=labels[order[0]], scores=[pb.LabelScore(label=labels[i], score=float(probs[i])) for i in order]))
+        return pb.ClassifyResponse(results=classifications)
+
+    def Generate(self, request: pb.GenerateRequest, context):
+        _, text, ids, finish, usage = self.core.generate(request.model, request.version,
+                                                         generation_request(request, context),
+                                                         lambda seq: context.add_callback(seq.cancel))
+        return pb.GenerateResponse(text=text, token_ids=ids, finish_reason=FINISH[finish], usage=usage_proto(usage))
+
+    def GenerateStream(self, request: pb.GenerateStreamRequest, context):
+        chunks = self.core.stream(request.model, request.version, generation_request(request, context),
+                                  lambda seq: context.add_callback(seq.cancel))
+        for chunk in chunks:
+            yield chunk_proto(chunk)
+
+    def GetModelStatistics(self, request: pb.GetModelStatisticsRequest, context):
+        models = [m for m in self.repository.all() if (not request.name or m.name == request.name) and
+                  (not request.version or m.version == request.version)]
+        if request.name and not models:
+            self.repository.get(request.name, request.version)
+        stats = []
+        for m in models:
+            s = m.statistics()
+            stats.append(pb.ModelStatistics(
+                name=m.name, version=m.version, request_count=s.requests, failure_count=s.failures,
+                inference_count=s.inferences, batch_count=s.batches, queue_time_ms_total=s.queue_ms,
+                compute_time_ms_total=s.compute_ms, batch_sizes=dict(s.batch_sizes)))
+        return pb.GetModelStatisticsResponse(stats=stats)
+
+
+def register(server: grpc.Server, stores: Stores) -> Sequence[str]:
+    from fastserve.kserve.v2 import grpc_service_pb2, grpc_service_pb2_grpc
+    from fastserve.services.inference.kserve import KServeServicer
+
+    core = Inference(ModelRepository(stores.artifacts))
+    core.load_configured(stores.config)
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(core), server)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(core), server)
+    return [pb.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+            grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]

@@ -1,0 +1,152 @@
+"""The training core: checks a request, queues it, and runs it on a worker. No gRPC here.
+
+`prepare` resolves and checks everything a job needs (dataset and its task, tokenizer, pretrained
+model, hyperparameters, an estimate of the memory it needs) so bad requests fail before queueing.
+`train` runs one process of a job: in the worker itself, or as one rank of a DDP group.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from fastserve.models.refs import resolve_dir
+from fastserve.runtime import job_queue
+from fastserve.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from fastserve.runtime.jobs import Job
+from fastserve.runtime.stores import Stores
+from fastserve.services.training.data import SplitView
+from fastserve.services.training.models import DataInfo, build_model, check_memory, estimate_bytes, parameter_count
+from fastserve.services.training.spec import TrainingSpec
+from fastserve.services.training.trainer import Hooks, Outcome, Trainer
+from fastserve.storage.artifacts import Artifact
+from fastserve.storage.datasets import DatasetReader
+
+log = logging.getLogger(__name__)
+
+SERVICE = "training"
+JOB_TYPE = "training.train"
+KEEP_CHECKPOINTS = 2
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "added_tokens.json")
+
+
+@dataclass
+class Prepared:
+    spec: TrainingSpec
+    dataset: Artifact
+    reader: DatasetReader
+    data: DataInfo
+    pretrained_dir: Path | None
+    tokenizer_dir: Path | None
+    parameters: int
+
+
+class Training:
+    def __init__(self, stores: Stores) -> None:
+        self.stores = stores
+
+    def prepare(self, params: dict[str, Any]) -> Prepared:
+        spec = TrainingSpec.parse(params)
+        spec.check()
+        try:
+            dataset = self.stores.artifacts.resolve(spec.dataset_uri, "dataset_uri")
+        except NotFound as exc:
+            raise FailedPrecondition(f"{exc.message}: build the dataset first") from None
+        if dataset.ref.kind != "datasets" or "dataset" not in dataset.manifest.get("metadata", {}):
+            raise InvalidArgument(f"{spec.dataset_uri} is not a dataset", field="dataset_uri")
+        reader = DatasetReader(dataset.path, dataset.manifest["metadata"])
+        if reader.task != spec.task:
+            raise InvalidArgument(f"the dataset was built for {reader.task}, not {spec.task}", field="dataset_uri")
+        if reader.rows("train") < spec.hyper.batch_size * spec.num_processes:
+            raise InvalidArgument(f"the train split has {reader.rows('train')} rows, fewer than one batch of "
+                                  f"{spec.hyper.batch_size * spec.num_processes}", field="hyperparameters.batch_size")
+        info = reader.info
+        data = DataInfo(vocab_size=info["vocab_size"], pad_id=info["pad_id"], eos_id=info["eos_id"],
+                        max_length=max(info["max_length"], info.get("max_target_length") or 0),
+                        label_map=info.get("label_map", {}))
+        pretrained = resolve_dir(self.stores.artifacts, spec.pretrained_uri, "model.pretrained_uri", ("models",)) \
+            if spec.pretrained_uri else None
+        tokenizer_uri = spec.tokenizer_uri or info.get("tokenizer_uri", "")
+        tokenizer = resolve_dir(self.stores.artifacts, tokenizer_uri, "tokenizer_uri") if tokenizer_uri else None
+        parameters = parameter_count(spec, data, pretrained)
+        check_memory(estimate_bytes(parameters, spec, data), self._memory_budget())
+        return Prepared(spec, dataset, reader, data, pretrained, tokenizer, parameters)
+
+    def _memory_budget(self) -> int:
+        if self.stores.config.worker_memory_gb:
+            return int(self.stores.config.worker_memory_gb * 2**30)
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory
+        return psutil.virtual_memory().total
+
+    def submit(self, params: dict[str, Any]) -> Job:
+        self.prepare(params)
+        return job_queue.submit(self.stores, SERVICE, JOB_TYPE, params)
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def latest_checkpoint(self, job_id: str) -> Path | None:
+        versions = self.stores.artifacts.versions("checkpoints", job_id)
+        return self.stores.artifacts.resolve(f"artifact://checkpoints/{job_id}/{versions[-1]}").path \
+            if versions else None
+
+    def publish_checkpoint(self, job_id: str, step: int, write: Callable[[Path], None]) -> str:
+        """A checkpoint as artifact `checkpoints/<job id>/<step>`; only the newest few are kept."""
+        store = self.stores.artifacts
+        try:
+            with store.publish("checkpoints", job_id, metadata={"step": step}, version=step) as draft:
+                write(draft.path)
+        except AlreadyExists:
+            pass  # this step was saved before the worker was lost
+        for old in store.versions("checkpoints", job_id)[:-KEEP_CHECKPOINTS]:
+            store.delete("checkpoints", job_id, old)
+        return f"artifact://checkpoints/{job_id}/{step}"
+
+    def train(self, prepared: Prepared, job_id: str, hooks: Hooks, rank: int = 0,
+              world: int = 1) -> tuple[torch.nn.Module, Outcome]:
+        """Train (or resume) one process of job `job_id` to its end; returns the model and the outcome."""
+        spec = prepared.spec
+        device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+        model = build_model(spec, prepared.data, prepared.pretrained_dir).to(device)
+        validation = SplitView(prepared.reader, "validation")
+        trainer = Trainer(model, spec.task, spec.hyper, SplitView(prepared.reader, "train"),
+                          validation if validation.rows else None, prepared.data.pad_id, device, rank, world)
+        checkpoint = self.latest_checkpoint(job_id)
+        if checkpoint is not None:
+            trainer.resume(checkpoint)
+            log.info("job %s resumes from step %d", job_id, trainer.step)
+        torch.manual_seed(spec.hyper.seed + rank + trainer.step)
+        outcome = trainer.run(hooks)
+        outcome.metrics["resumed_from_step"] = int(checkpoint.name) if checkpoint else 0
+        return model, outcome
+
+    def publish_model(self, prepared: Prepared, model: torch.nn.Module, outcome: Outcome,
+                      job_id: str) -> dict[str, Any]:
+        """The final model as `models/<output_name>/<next version>`: weights, config, tokenizer, metrics."""
+        spec = prepared.spec
+        metrics = {k: v for k, v in outcome.metrics.items() if isinstance(v, int | float)}
+        with self.stores.artifacts.publish("models", spec.output_name) as draft:
+            model.save_pretrained(str(draft.path))
+            if prepared.tokenizer_dir is not None:
+                for name in TOKENIZER_FILES:
+                    if (prepared.tokenizer_dir / name).is_file():
+                        shutil.copy(prepared.tokenizer_dir / name, draft.path / name)
+            (draft.path / "metrics.json").write_text(json.dumps({"final": metrics, "history": outcome.history}))
+            draft.metadata["model"] = {
+                "task": spec.task, "family": spec.architecture.family if spec.architecture else "pretrained",
+                "pretrained_uri": spec.pretrained_uri, "parameters": prepared.parameters,
+                "dataset_uri": prepared.dataset.ref.uri, "label_map": prepared.data.label_map,
+                "job_id": job_id, "steps": outcome.steps, "metrics": metrics}
+        return {"model_uri": draft.ref.uri, "steps": outcome.steps, "early_stopped": outcome.early_stopped,
+                "parameters": prepared.parameters, "metrics": metrics,
+                "checkpoint": (f"artifact://checkpoints/{job_id}/{v[-1]}"
+                               if (v := self.stores.artifacts.versions("checkpoints", job_id)) else "")}

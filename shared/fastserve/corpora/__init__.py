@@ -1,0 +1,2 @@
+"""Built-in corpora that need no upload: the stdlib docstrings (preprocessing builds datasets from it,
+optimization measures on it)."""

@@ -1,0 +1,145 @@
+"""The one configuration registry of FastServe.
+
+Every setting is a `FASTSERVE_*` environment variable, declared once here with its type, default and
+meaning. Processes call `Config.from_env()` once at start-up and pass the result down; no other module
+reads the environment. The defaults run the whole stack on one machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastserve.client.settings import DEFAULT_MAX_MESSAGE_MB, DEFAULT_PORTS, SERVICES, ClientSettings
+from fastserve.runtime.errors import InvalidArgument
+
+__all__ = ["JOB_SERVICES", "SERVICES", "Config", "describe"]
+
+JOB_SERVICES: tuple[str, ...] = ("preprocessing", "training", "optimization")
+"""Services whose long operations run as Celery jobs; each has a queue of its own name."""
+
+
+def _setting(env: str, default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"env": env, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Typed settings; each field's metadata names its environment variable and documents it."""
+
+    home: Path = _setting(
+        "FASTSERVE_HOME", Path("~/.fastserve"),
+        "Root of all local state: artifacts, logs, pid files, the embedded Redis.")
+    host: str = _setting(
+        "FASTSERVE_HOST", "127.0.0.1",
+        "Address the gRPC and metrics servers bind. Loopback by default; 0.0.0.0 in containers.")
+    preprocessing_port: int = _setting(
+        "FASTSERVE_PREPROCESSING_PORT", DEFAULT_PORTS["preprocessing"], "gRPC port of preprocessing.")
+    training_port: int = _setting("FASTSERVE_TRAINING_PORT", DEFAULT_PORTS["training"], "gRPC port of training.")
+    optimization_port: int = _setting(
+        "FASTSERVE_OPTIMIZATION_PORT", DEFAULT_PORTS["optimization"], "gRPC port of optimization.")
+    inference_port: int = _setting("FASTSERVE_INFERENCE_PORT", DEFAULT_PORTS["inference"], "gRPC port of inference.")
+    preprocessing_metrics_port: int = _setting(
+        "FASTSERVE_PREPROCESSING_METRICS_PORT", 9151, "Prometheus HTTP port of preprocessing; 0 turns it off.")
+    training_metrics_port: int = _setting(
+        "FASTSERVE_TRAINING_METRICS_PORT", 9152, "Prometheus HTTP port of training; 0 turns it off.")
+    optimization_metrics_port: int = _setting(
+        "FASTSERVE_OPTIMIZATION_METRICS_PORT", 9153, "Prometheus HTTP port of optimization; 0 turns it off.")
+    inference_metrics_port: int = _setting(
+        "FASTSERVE_INFERENCE_METRICS_PORT", 9154, "Prometheus HTTP port of inference; 0 turns it off.")
+    redis_url: str = _setting(
+        "FASTSERVE_REDIS_URL", "",
+        "Redis for jobs and Celery. Empty: use redis://127.0.0.1:6379/0 if it answers, else start an "
+        "embedded redis-server under FASTSERVE_HOME.")
+    embedded_redis_port: int = _setting(
+        "FASTSERVE_EMBEDDED_REDIS_PORT", 6390, "Loopback port of the embedded Redis, when one is started.")
+    inference_models: str = _setting(
+        "FASTSERVE_INFERENCE_MODELS", "all-MiniLM-L6-v2=builtin://all-MiniLM-L6-v2",
+        "Models the inference service loads at start, `name=uri` comma-separated; `none` for none.")
+    log_format: str = _setting("FASTSERVE_LOG_FORMAT", "human", "Log line format: `human` or `json`.")
+    log_level: str = _setting("FASTSERVE_LOG_LEVEL", "INFO", "Root log level (DEBUG, INFO, WARNING, ...).")
+    max_message_mb: int = _setting(
+        "FASTSERVE_MAX_MESSAGE_MB", DEFAULT_MAX_MESSAGE_MB,
+        "Largest gRPC message received or sent, in MiB; larger ones get RESOURCE_EXHAUSTED.")
+    grace_seconds: float = _setting(
+        "FASTSERVE_GRACE_SECONDS", 10.0,
+        "On SIGTERM/SIGINT, how long in-flight calls may run before the server cancels them.")
+    grpc_threads: int = _setting(
+        "FASTSERVE_GRPC_THREADS", 256,
+        "Worker threads of each gRPC server: the calls it runs at once, streams and generations included.")
+    auth_token: str = _setting(
+        "FASTSERVE_AUTH_TOKEN", "",
+        "When set, every call but health checks needs `authorization: Bearer <token>` metadata.")
+    tls_cert: str = _setting("FASTSERVE_TLS_CERT", "", "PEM server certificate; with TLS_KEY turns TLS on.")
+    tls_key: str = _setting("FASTSERVE_TLS_KEY", "", "PEM private key of TLS_CERT.")
+    tls_client_ca: str = _setting(
+        "FASTSERVE_TLS_CLIENT_CA", "", "PEM CA bundle; when set, clients must present a certificate it signed (mTLS).")
+    job_visibility_timeout: int = _setting(
+        "FASTSERVE_JOB_VISIBILITY_TIMEOUT", 7 * 24 * 3600,
+        "Seconds before Redis redelivers an unacknowledged job; longer than any job may run.")
+    job_lease_seconds: float = _setting(
+        "FASTSERVE_JOB_LEASE_SECONDS", 30.0,
+        "A running job's lease; a job whose worker died is queued again this long after its last renewal.")
+    worker_memory_gb: float = _setting(
+        "FASTSERVE_WORKER_MEMORY_GB", 0.0,
+        "Memory a training worker may use; jobs estimated to need more are refused. 0: this machine's.")
+    worker_concurrency: int = _setting(
+        "FASTSERVE_WORKER_CONCURRENCY", 1, "Jobs one Celery worker process runs at once.")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        """Read every setting from `env` (default: the process environment), parsing by declared type."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f.metadata["env"])
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.metadata["env"], f.type, raw)
+        config = cls(**values)
+        return dataclasses.replace(config, home=Path(os.path.expanduser(str(config.home))))
+
+    @property
+    def client_host(self) -> str:
+        """Where a client on this machine reaches the servers: a wildcard bind is reached on loopback."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+
+    def client_settings(self) -> ClientSettings:
+        """How a client on this machine reaches this stack: its ports, token and certificate."""
+        return ClientSettings(host=self.client_host, ports={s: self.port(s) for s in SERVICES}, token=self.auth_token,
+                              tls_ca=self.tls_cert, max_message_mb=self.max_message_mb)
+
+    def port(self, service: str) -> int:
+        """The gRPC port of `service`."""
+        return int(getattr(self, f"{_known(service)}_port"))
+
+    def metrics_port(self, service: str) -> int:
+        """The Prometheus port of `service` (0: none)."""
+        return int(getattr(self, f"{_known(service)}_metrics_port"))
+
+    def env(self) -> dict[str, str]:
+        """These settings as environment variables, to hand to a child process."""
+        return {f.metadata["env"]: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _known(service: str) -> str:
+    if service not in SERVICES:
+        raise InvalidArgument(f"unknown service {service!r}", field="service")
+    return service
+
+
+def _parse(name: str, type_name: str, raw: str) -> Any:
+    parsers = {"Path": Path, "str": str, "int": int, "float": float}
+    try:
+        return parsers[type_name](raw)
+    except ValueError:
+        raise InvalidArgument(f"{name}={raw!r} is not a valid {type_name}", field=name) from None
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) of every setting, for `fastserve config` and the docs."""
+    return [(f.metadata["env"], str(f.default), f.metadata["doc"]) for f in dataclasses.fields(Config)]

@@ -1,0 +1,21 @@
+"""The stores a service or worker process works with, built once from its configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastserve.runtime.config import Config
+from fastserve.runtime.jobs import JobStore
+from fastserve.runtime.redis_server import DEFAULT_URL
+from fastserve.storage.artifacts import ArtifactStore
+
+
+@dataclass(frozen=True)
+class Stores:
+    config: Config
+    jobs: JobStore
+    artifacts: ArtifactStore
+
+    @classmethod
+    def from_config(cls, config: Config) -> Stores:
+        return cls(config, JobStore.from_url(config.redis_url or DEFAULT_URL), ArtifactStore(config.home / "artifacts"))

@@ -1,0 +1,1 @@
+"""Where results live: the versioned artifact store and the dataset shards in it."""
