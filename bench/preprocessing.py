@@ -24,12 +24,12 @@ import psutil
 from bench.report import result_line
 from fastserve.common.v1 import jobs_pb2
 from fastserve.corpora.stdlib import stdlib_documents
+from fastserve.models.tokenizers import load_tokenizer
 from fastserve.preprocessing.v1 import preprocessing_pb2 as pb
 from fastserve.preprocessing.v1 import preprocessing_pb2_grpc
 from fastserve.runtime.config import SERVICES, Config
 from fastserve.runtime.redis_server import RedisServer
 from fastserve.runtime.stores import Stores
-from fastserve.services.preprocessing.tokenizer_training import load_tokenizer
 from fastserve.stack.processes import Stack
 from tests.support.processes import free_port
 

@@ -3,11 +3,10 @@
 A head-pruned folder must load in a process that never imported a service (a training gRPC process, an
 inference server): the loader registers the pruned model types because the folder's config says so, not as
 a side effect of importing optimization. A T5 folder must be the same kind for inference and optimization.
-And the layering holds: no service imports another, the shared packages import none."""
+(That no service imports another is import-linter's check, tests/test_import_rules.py.)"""
 
 from __future__ import annotations
 
-import ast
 import json
 import shutil
 import subprocess
@@ -41,7 +40,6 @@ from fastserve.services.optimization.core import Optimization
 from fastserve.services.optimization.quantize import quantize_torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVICES = ("preprocessing", "training", "inference", "optimization")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 # What the fresh process runs: load both folders through fastserve.models alone, report what it got.
 LOAD_IN_A_FRESH_PROCESS = """
@@ -176,27 +174,3 @@ def test_inference_and_optimization_agree_on_t5(tmp_path):
         Optimization(stores).prepare({"model_uri": draft.ref.uri, "output_name": "t5-small",
                                       "steps": [{"type": "export", "precision": "fp32"}]})
     assert err.value.violations[0].field == "model_uri" and "encoder-decoder" in err.value.message
-
-
-def _imports(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names.add(node.module)
-            names |= {f"{node.module}.{alias.name}" for alias in node.names}
-    return names
-
-
-def test_no_service_imports_another_and_shared_code_imports_none():
-    services = ROOT / "services" / "fastserve" / "services"
-    for service in SERVICES:
-        others = tuple(f"fastserve.services.{o}" for o in SERVICES if o != service)
-        for path in (services / service).rglob("*.py"):
-            bad = sorted(n for n in _imports(path) if n.startswith(others))
-            assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
-    for package in ("models", "runtime", "storage", "corpora"):
-        for path in (ROOT / "shared" / "fastserve" / package).rglob("*.py"):
-            bad = sorted(n for n in _imports(path) if n.startswith("fastserve.services"))
-            assert not bad, f"{path.relative_to(ROOT)} imports {bad}"

@@ -15,10 +15,12 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from fastserve.services.inference.attention import separate_decode_rows
 from fastserve.services.inference.decoder import open_decoder
-from fastserve.services.inference.engine import Engine, Finish, GenerationSettings, Sequence
+from fastserve.services.inference.engine import Engine
+from fastserve.services.inference.generation_settings import GenerationSettings
 from fastserve.services.inference.model_runner import ModelRunner
-from fastserve.services.inference.sampling import SamplingParams
+from fastserve.services.inference.sampling_params import SamplingParams
 from fastserve.services.inference.scheduling import MlfqSettings
+from fastserve.services.inference.sequence import Finish, Sequence
 from fastserve.services.inference.step import NewSequence, Offload, Restore, ScheduledSequence, SchedulerOutput
 from tests.support.tiny_models import build_causal_lm, build_seq2seq
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastserve.client.settings import DEFAULT_MAX_MESSAGE_MB, DEFAULT_PORTS, SERVICES, ClientSettings
+from fastserve.client.settings import DEFAULT_MAX_MESSAGE_MB, DEFAULT_PORTS, SERVICES, ClientSettings, reachable_host
 from fastserve.runtime.errors import InvalidArgument
 
 __all__ = ["JOB_SERVICES", "SERVICES", "Config", "describe"]
@@ -106,7 +106,7 @@ class Config:
     @property
     def client_host(self) -> str:
         """Where a client on this machine reaches the servers: a wildcard bind is reached on loopback."""
-        return "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+        return reachable_host(self.host)
 
     def client_settings(self) -> ClientSettings:
         """How a client on this machine reaches this stack: its ports, token and certificate."""

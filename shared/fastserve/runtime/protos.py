@@ -4,15 +4,10 @@ from __future__ import annotations
 
 from google.protobuf import struct_pb2, timestamp_pb2
 
-from fastserve.client.protos import enum_name, struct_to_dict
 from fastserve.common.v1 import artifacts_pb2, jobs_pb2
 from fastserve.runtime.errors import InvalidArgument
 from fastserve.runtime.jobs import Job, JobEvent, JobState
 from fastserve.storage.artifacts import parse_uri
-
-# enum_name and struct_to_dict have one definition, in the client package, which the services use too.
-__all__ = ["ARTIFACT_KINDS", "artifact_ref", "enum_name", "event_to_proto", "job_to_proto", "states_from_proto",
-           "struct", "struct_to_dict", "timestamp"]
 
 ARTIFACT_KINDS = {"corpora": "CORPUS", "datasets": "DATASET", "tokenizers": "TOKENIZER",
                   "checkpoints": "CHECKPOINT", "models": "MODEL", "reports": "REPORT"}

@@ -16,28 +16,26 @@ from fastserve.stack.demo import run_demo
 from fastserve.stack.processes import Stack
 
 
-def _local(fn):
-    """The server's domain errors as the CLI's one-line local errors."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except FastServeError as exc:
-            raise LocalError(exc.message) from exc
-    return run
-
-
-def _config() -> Config:
-    return _local(Config.from_env)()
+def _command(app: typer.Typer, name: str, **kwargs):
+    """`command`, with the server's domain errors shown as the CLI's one-line local errors (exit 2)."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def run(*args, **kw):
+            try:
+                return fn(*args, **kw)
+            except FastServeError as exc:
+                raise LocalError(exc.message) from exc
+        return command(app, name, **kwargs)(run)
+    return decorate
 
 
 def register(app: typer.Typer) -> None:
     """Add the stack's commands to `app`."""
-    @command(app, "up", help="Start the local stack in the background and wait until it serves.")
+    @_command(app, "up", help="Start the local stack in the background and wait until it serves.")
     def up(ctx: typer.Context,
            timeout: Annotated[float, typer.Option(help="Seconds to wait for every health check.")] = 120.0) -> int:
-        config = _config()
-        components = _local(Stack(config).up)(timeout=timeout)
+        config = Config.from_env()
+        components = Stack(config).up(timeout=timeout)
         if state(ctx).json:
             print_json([{"name": c.name, "pid": c.pid, "port": c.port, "log": c.log} for c in components])
             return 0
@@ -46,18 +44,18 @@ def register(app: typer.Typer) -> None:
         print(f"FastServe is up (state and logs under {config.home}); stop it with `make down`.")
         return 0
 
-    @command(app, "down", help="Stop exactly what `up` started.")
+    @_command(app, "down", help="Stop exactly what `up` started.")
     def down(ctx: typer.Context) -> int:
-        stopped = _local(Stack(_config()).down)()
+        stopped = Stack(Config.from_env()).down()
         if state(ctx).json:
             print_json({"stopped": stopped})
         else:
             print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
         return 0
 
-    @command(app, "status", help="Show the stack's processes and health (exit 3 unless all serve).")
+    @_command(app, "status", help="Show the stack's processes and health (exit 3 unless all serve).")
     def status(ctx: typer.Context) -> int:
-        rows = _local(Stack(_config()).status)()
+        rows = Stack(Config.from_env()).status()
         code = 0 if rows and all(r["state"] in ("SERVING", "RUNNING") for r in rows) else 3
         if state(ctx).json:
             print_json(rows)
@@ -69,7 +67,7 @@ def register(app: typer.Typer) -> None:
             print(f"{row['name']:<14} {row['state']:<12} pid {row['pid']:<8} {port}")
         return code
 
-    @command(app, "config", help="List every FASTSERVE_* setting with its default.")
+    @_command(app, "config", help="List every FASTSERVE_* setting with its default.")
     def config(ctx: typer.Context) -> int:
         if state(ctx).json:
             print_json([{"variable": env, "default": default, "doc": doc} for env, default, doc in describe()])
@@ -78,7 +76,7 @@ def register(app: typer.Typer) -> None:
             print(f"{env}  (default {default!r})\n    {doc}")
         return 0
 
-    @command(app, "demo", help="Run the demo against a fresh local stack.")
+    @_command(app, "demo", help="Run the demo against a fresh local stack.")
     def demo(ctx: typer.Context) -> int:
-        _local(run_demo)(_config())  # a failed stage raises, and is reported as every error is
+        run_demo(Config.from_env())  # a failed stage raises, and is reported as every error is
         return 0

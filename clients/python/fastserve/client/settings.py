@@ -23,6 +23,11 @@ DEFAULT_MAX_MESSAGE_MB = 64
 """Largest message sent or received, in MiB, as the servers' default."""
 
 
+def reachable_host(bind: str) -> str:
+    """Where a client on the same machine reaches a server bound to `bind`: a wildcard bind on loopback."""
+    return "127.0.0.1" if bind in ("0.0.0.0", "", "::") else bind
+
+
 class SettingError(ValueError):
     """A `FASTSERVE_*` variable the client cannot read; `name` is the variable."""
 
@@ -48,10 +53,9 @@ class ClientSettings:
         `FASTSERVE_AUTH_TOKEN`, `FASTSERVE_TLS_CERT` (the stack's certificate, trusted as the root),
         `FASTSERVE_MAX_MESSAGE_MB` and `FASTSERVE_LOG_LEVEL`."""
         env = os.environ if env is None else env
-        host = env.get("FASTSERVE_HOST") or "127.0.0.1"
         ports = {s: _int(env, f"FASTSERVE_{s.upper()}_PORT", DEFAULT_PORTS[s]) for s in SERVICES}
         level = env.get("FASTSERVE_LOG_LEVEL") or "INFO"
-        return cls(host="127.0.0.1" if host in ("0.0.0.0", "::") else host, ports=ports,
+        return cls(host=reachable_host(env.get("FASTSERVE_HOST", "")), ports=ports,
                    token=env.get("FASTSERVE_AUTH_TOKEN", ""), tls_ca=env.get("FASTSERVE_TLS_CERT", ""),
                    max_message_mb=_int(env, "FASTSERVE_MAX_MESSAGE_MB", DEFAULT_MAX_MESSAGE_MB),
                    # A command line stays quiet at the stack's default level.

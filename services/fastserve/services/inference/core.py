@@ -17,9 +17,9 @@ from typing import Any
 
 from fastserve.runtime.config import Config
 from fastserve.runtime.errors import Cancelled, DeadlineExceeded, InvalidArgument, Unavailable
-from fastserve.services.inference.engine import Sequence
 from fastserve.services.inference.generator import Chunk, GenerationRequest
 from fastserve.services.inference.repository import LoadedModel, ModelRepository, ModelSettings
+from fastserve.services.inference.sequence import Sequence
 
 log = logging.getLogger(__name__)
 

@@ -28,11 +28,8 @@ from fastserve.services.inference.model_runner import ModelRunner
 from fastserve.services.inference.output_processor import OutputProcessor
 from fastserve.services.inference.sampling_params import SamplingParams
 from fastserve.services.inference.scheduler import Scheduler
-from fastserve.services.inference.sequence import Finish, Sequence
+from fastserve.services.inference.sequence import Sequence
 from fastserve.services.inference.step import RunnerOutput
-
-# What the rest of the service imports from here.
-__all__ = ["Engine", "Finish", "GenerationSettings", "Sequence", "StepStats"]
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,11 @@ from fastserve.models.loading import load_model, pick_device, torch_dtype
 from fastserve.models.tokenizers import load_tokenizer
 from fastserve.runtime.errors import DeadlineExceeded, InvalidArgument
 from fastserve.services.inference.decoder import open_decoder
-from fastserve.services.inference.engine import Engine, Finish, GenerationSettings, Sequence
+from fastserve.services.inference.engine import Engine
+from fastserve.services.inference.generation_settings import GenerationSettings
 from fastserve.services.inference.output_processor import final_text, raise_if_cut_short, text_stream
-from fastserve.services.inference.sampling import SamplingParams
+from fastserve.services.inference.sampling_params import SamplingParams
+from fastserve.services.inference.sequence import Finish, Sequence
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from fastserve.runtime.errors import FastServeError, InvalidArgument
 from fastserve.services.inference.core import Inference
 from fastserve.services.inference.generator import GenerationRequest
 from fastserve.services.inference.repository import LoadedModel
-from fastserve.services.inference.sampling import SamplingParams
+from fastserve.services.inference.sampling_params import SamplingParams
 from fastserve.services.inference.servicer import deadline_of, settings_from_proto
 
 SERVER_NAME = "fastserve"

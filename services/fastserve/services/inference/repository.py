@@ -24,9 +24,9 @@ from fastserve.models.refs import BUILTIN, BUILTIN_MODELS, resolve_dir
 from fastserve.runtime.errors import InvalidArgument, NotFound, Unavailable
 from fastserve.services.inference.batcher import BatchingSettings, DynamicBatcher, Work
 from fastserve.services.inference.compute import on_compute_thread
-from fastserve.services.inference.engine import GenerationSettings
+from fastserve.services.inference.generation_settings import GenerationSettings
 from fastserve.services.inference.generator import GenerationRequest, Generator
-from fastserve.services.inference.sampling import SamplingParams
+from fastserve.services.inference.sampling_params import SamplingParams
 from fastserve.storage.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)

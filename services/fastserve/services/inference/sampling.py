@@ -2,7 +2,7 @@
 repetition penalty (the transformers definitions), reproducibly per request when it gives a seed.
 
 The model runner keeps one `Sampler` per running sequence; the parameters themselves are plain data
-in sampling_params.py (re-exported here), which the scheduler reads without importing torch."""
+in sampling_params.py, which the scheduler reads without importing torch."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastserve.services.inference.sampling_params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
-
-__all__ = ["DEFAULT_MAX_NEW_TOKENS", "Sampler", "SamplingParams", "choose_tokens"]
+from fastserve.services.inference.sampling_params import SamplingParams
 
 
 @dataclass

@@ -12,10 +12,10 @@ from fastserve.inference.v1 import inference_pb2_grpc
 from fastserve.runtime.stores import Stores
 from fastserve.services.inference.batcher import BatchingSettings
 from fastserve.services.inference.core import Inference
-from fastserve.services.inference.engine import GenerationSettings
+from fastserve.services.inference.generation_settings import GenerationSettings
 from fastserve.services.inference.generator import Chunk, GenerationRequest, Usage
 from fastserve.services.inference.repository import LoadedModel, ModelRepository, ModelSettings
-from fastserve.services.inference.sampling import SamplingParams
+from fastserve.services.inference.sampling_params import SamplingParams
 from fastserve.services.inference.scheduling import MlfqSettings
 
 SERVICE = "inference"

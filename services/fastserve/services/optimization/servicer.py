@@ -7,11 +7,12 @@ from typing import Any
 
 import grpc
 
+from fastserve.client.protos import enum_name
 from fastserve.optimization.v1 import optimization_pb2 as pb
 from fastserve.optimization.v1 import optimization_pb2_grpc
 from fastserve.runtime.errors import InvalidArgument
 from fastserve.runtime.job_rpcs import JobRpcs
-from fastserve.runtime.protos import artifact_ref, enum_name, job_to_proto
+from fastserve.runtime.protos import artifact_ref, job_to_proto
 from fastserve.runtime.stores import Stores
 from fastserve.services.optimization.core import SERVICE, Optimization
 

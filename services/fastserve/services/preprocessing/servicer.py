@@ -7,11 +7,12 @@ from typing import Any
 
 import grpc
 
+from fastserve.client.protos import enum_name, struct_to_dict
 from fastserve.preprocessing.v1 import preprocessing_pb2 as pb
 from fastserve.preprocessing.v1 import preprocessing_pb2_grpc
 from fastserve.runtime.errors import InvalidArgument
 from fastserve.runtime.job_rpcs import JobRpcs
-from fastserve.runtime.protos import artifact_ref, enum_name, job_to_proto, struct_to_dict
+from fastserve.runtime.protos import artifact_ref, job_to_proto
 from fastserve.runtime.stores import Stores
 from fastserve.services.preprocessing.core import SERVICE, Preprocessing
 from fastserve.services.preprocessing.corpus import UploadHeader

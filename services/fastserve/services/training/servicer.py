@@ -7,8 +7,9 @@ from typing import Any
 
 import grpc
 
+from fastserve.client.protos import enum_name
 from fastserve.runtime.job_rpcs import JobRpcs
-from fastserve.runtime.protos import enum_name, job_to_proto
+from fastserve.runtime.protos import job_to_proto
 from fastserve.runtime.stores import Stores
 from fastserve.services.training.core import SERVICE, Training
 from fastserve.training.v1 import training_pb2 as pb
