@@ -1,9 +1,11 @@
 import os
+import shutil
 
 import pytest
 
 from fastserve.runtime.errors import AlreadyExists, InvalidArgument, NotFound
 from fastserve.storage.artifacts import ArtifactStore, parse_uri, safe_join
+from tests.support.rpc import field_of
 
 
 @pytest.fixture
@@ -92,3 +94,107 @@ def test_symlink_inside_an_artifact_is_refused_at_publish(store, tmp_path):
         with store.publish("models", "m") as draft:
             os.symlink("/etc/passwd", draft.path / "weights.safetensors")
     assert store.versions("models", "m") == []
+
+
+def test_a_missing_artifact_names_the_field_and_a_close_name(store):
+    _publish(store, name="stdlib-clm")
+    _publish(store, name="stdlib-clm")
+    with pytest.raises(NotFound) as info:
+        store.resolve("artifact://datasets/stdlib-cml/latest", field_name="dataset_uri")
+    assert info.value.message == ("no artifact datasets/stdlib-cml; "
+                                  "did you mean 'artifact://datasets/stdlib-clm/latest'?")
+    assert [v.field for v in info.value.violations] == ["dataset_uri"]
+    with pytest.raises(NotFound) as info:
+        store.resolve("artifact://datasets/stdlib-clm/3", field_name="dataset_uri")
+    assert info.value.message == "no artifact datasets/stdlib-clm/3; its published versions: 1, 2"
+    # Only names of the asked kind are suggested, and nothing when nothing is close.
+    with pytest.raises(NotFound) as info:
+        store.resolve("artifact://models/stdlib-clm/1", field_name="model_uri")
+    assert info.value.message == "no artifact models/stdlib-clm"
+    with pytest.raises(NotFound) as info:
+        store.resolve("artifact://datasets/wikipedia/1", field_name="dataset_uri")
+    assert "did you mean" not in info.value.message
+
+
+# A request for each job service with a URI that names nothing; every field but that one is sound.
+MISSING_URIS = [
+    ("training", "dataset_uri", lambda pb, uri: ("SubmitTrainingJob", pb.SubmitTrainingJobRequest(
+        model=pb.ModelSpec(architecture=pb.ArchitectureConfig(family=pb.ARCHITECTURE_FAMILY_GPT2, num_layers=2,
+                                                              hidden_size=64, num_heads=4)),
+        task=pb.TRAINING_TASK_CAUSAL_LM, dataset_uri=uri, output_name="never",
+        hyperparameters=pb.Hyperparameters(learning_rate=1e-3, batch_size=8, max_steps=10)))),
+    ("training", "tokenizer_uri", lambda pb, uri: ("SubmitTrainingJob", pb.SubmitTrainingJobRequest(
+        model=pb.ModelSpec(architecture=pb.ArchitectureConfig(family=pb.ARCHITECTURE_FAMILY_GPT2, num_layers=2,
+                                                              hidden_size=64, num_heads=4)),
+        task=pb.TRAINING_TASK_CAUSAL_LM, dataset_uri="artifact://datasets/clm/1", tokenizer_uri=uri,
+        output_name="never", hyperparameters=pb.Hyperparameters(learning_rate=1e-3, batch_size=8, max_steps=10)))),
+    ("preprocessing", "source.artifact_uri", lambda pb, uri: ("BuildDataset", pb.BuildDatasetRequest(
+        source=pb.CorpusSource(artifact_uri=uri), tokenizer_uri="builtin://all-MiniLM-L6-v2",
+        task=pb.DATASET_TASK_CAUSAL_LM, output_name="never"))),
+    ("preprocessing", "tokenizer_uri", lambda pb, uri: ("BuildDataset", pb.BuildDatasetRequest(
+        source=pb.CorpusSource(builtin=pb.BuiltinCorpus(name="stdlib-docstrings", max_documents=20)),
+        tokenizer_uri=uri, task=pb.DATASET_TASK_CAUSAL_LM, output_name="never"))),
+    ("optimization", "model_uri", lambda pb, uri: ("SubmitOptimizationJob", pb.SubmitOptimizationJobRequest(
+        model_uri=uri, steps=[pb.OptimizationStep(export=pb.ExportStep(format=pb.EXPORT_FORMAT_ONNX))],
+        output_name="never"))),
+    ("optimization", "eval_dataset_uri", lambda pb, uri: ("SubmitOptimizationJob", pb.SubmitOptimizationJobRequest(
+        model_uri="artifact://models/gpt/1", eval_dataset_uri=uri,
+        steps=[pb.OptimizationStep(export=pb.ExportStep(format=pb.EXPORT_FORMAT_ONNX))], output_name="never"))),
+]
+
+
+@pytest.fixture(scope="module")
+def job_services(tmp_path_factory, redis_server, tiny_gpt):
+    """The three job services on one home, with what the requests above need besides their missing URI: a
+    causal-LM dataset `clm` and a GPT `gpt`."""
+    from fastserve.runtime.config import Config
+    from fastserve.runtime.stores import Stores
+    from fastserve.services.preprocessing.core import Preprocessing
+    from tests.conftest import private_env
+    from tests.support.processes import start_service
+
+    root = tmp_path_factory.mktemp("missing")
+    env = private_env(root / "home", redis_server.url)
+    stores = Stores.from_config(Config.from_env(env))
+    source = {"builtin": {"name": "stdlib-docstrings", "max_documents": 200}}
+    Preprocessing(stores).run_build_dataset({"source": source, "tokenizer_uri": "builtin://all-MiniLM-L6-v2",
+                                             "task": "causal_lm", "max_length": 32, "output_name": "clm"})
+    with stores.artifacts.publish("models", "gpt") as draft:
+        for item in tiny_gpt.iterdir():
+            shutil.copy(item, draft.path / item.name)
+    procs = {name: start_service(name, env, root) for name in ("training", "preprocessing", "optimization")}
+    yield procs, stores
+    for proc in procs.values():
+        proc.stop()
+
+
+@pytest.mark.parametrize("service, field, request_of", MISSING_URIS, ids=[f"{s}-{f}" for s, f, _ in MISSING_URIS])
+def test_a_uri_naming_nothing_is_not_found_with_its_field_in_every_service(job_services, service, field,
+                                                                           request_of):
+    """One rule at submit: a URI that names no artifact is NOT_FOUND naming the request field that carried it
+    (training once said FAILED_PRECONDITION for a missing dataset); and the job is never queued."""
+    import importlib
+
+    import grpc
+
+    procs, stores = job_services
+    pb = importlib.import_module(f"fastserve.{service}.v1.{service}_pb2")
+    grpc_module = importlib.import_module(f"fastserve.{service}.v1.{service}_pb2_grpc")
+    kind = "tokenizers" if field == "tokenizer_uri" else "corpora" if field == "source.artifact_uri" else \
+        "models" if field == "model_uri" else "datasets"
+    method, request = request_of(pb, f"artifact://{kind}/nope/1")
+    before = stores.jobs.list(service).total_size
+    with grpc.insecure_channel(procs[service].target) as channel:
+        stub = getattr(grpc_module, f"{service.capitalize()}ServiceStub")(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            getattr(stub, method)(request, timeout=60)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND, info.value.details()
+        assert info.value.details().startswith(f"no artifact {kind}/nope")
+        assert field_of(info.value) == field
+        if kind == "datasets":  # a published name close to the mistyped one is offered
+            method, request = request_of(pb, "artifact://datasets/clmm/latest")
+            with pytest.raises(grpc.RpcError) as info:
+                getattr(stub, method)(request, timeout=60)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "did you mean 'artifact://datasets/clm/latest'?" in info.value.details()
+    assert stores.jobs.list(service).total_size == before

@@ -1,6 +1,7 @@
-"""The `fastserve` console script as a user runs it, against a real inference server process (and a
-scripted training server for job watching): JSON that parses, vectors, streamed text, and errors as
-one line with a non-zero exit and no traceback."""
+"""The `fastserve` console script as a user runs it, against a real inference server process, a real
+preprocessing server (tokenize) and a scripted training server for job watching: JSON that parses,
+vectors, streamed text, token ids, and errors as one line naming the flag the user typed, with a
+non-zero exit and no traceback."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from fastserve.client import FastServeClient, sampling_params
 from fastserve.runtime.config import Config
+from tests.conftest import private_env
 from tests.support import scripted
-from tests.support.processes import free_port
+from tests.support.processes import free_port, start_service
 from tests.test_client import MINILM
 
 FASTSERVE = Path(sys.executable).with_name("fastserve")
@@ -30,9 +33,19 @@ def training(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fastserve(gpt_server, training, tmp_path_factory):
+def preprocessing(tmp_path_factory, redis_server):
+    home = tmp_path_factory.mktemp("pre")
+    proc = start_service("preprocessing", {**private_env(home / "home", redis_server.url), "HF_HUB_OFFLINE": "1"},
+                         home)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def fastserve(gpt_server, training, preprocessing, tmp_path_factory):
     env = {**os.environ, "FASTSERVE_HOME": str(tmp_path_factory.mktemp("cli-home")),
-           "FASTSERVE_INFERENCE_PORT": str(gpt_server.port), "FASTSERVE_TRAINING_PORT": str(training.port)}
+           "FASTSERVE_INFERENCE_PORT": str(gpt_server.port), "FASTSERVE_TRAINING_PORT": str(training.port),
+           "FASTSERVE_PREPROCESSING_PORT": str(preprocessing.port)}
 
     def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([str(FASTSERVE), *args], env=env, capture_output=True, text=True, timeout=timeout)
@@ -64,16 +77,64 @@ def test_embed_prints_a_vector(fastserve, gpt_server):
 
 
 @pytest.mark.parametrize("args, start, field", [
-    (("classify", "--model", MINILM, "an embedding model cannot classify"), "INVALID_ARGUMENT: ", "(field model)"),
+    # The server names the request field `model`; the line names the flag that set it.
+    (("classify", "--model", MINILM, "an embedding model cannot classify"), "INVALID_ARGUMENT: ", "(option --model)"),
     (("embed", "--model", "no-such-model", "x"), "NOT_FOUND: ", None),
+    # Refused by the client before any call, as the server would: the flag too, never the field path.
+    (("models", "load", "m", "--task", "nope"), "INVALID_ARGUMENT: task must be one of embedding, ",
+     "(option --task)"),
+    (("preprocess", "list", "--state", "nope"), "INVALID_ARGUMENT: ", "(option --state)"),
     (("optimize", "submit", "m", "--step", "prune:nope", "--output", "o"), "INVALID_ARGUMENT: ",
-     "(field steps[0].prune.method)"),
+     "(option --step)"),
 ])
 def test_an_error_is_one_line_and_a_non_zero_exit(fastserve, args, start, field):
     result = fastserve(*args)
     assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith(start)
-    assert (field in result.stderr) if field else "(field" not in result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(start), result.stderr
+    assert result.stderr.rstrip().endswith(field) if field else "(" not in result.stderr
+
+
+def test_a_stopped_stack_is_said_at_once(tmp_path):
+    port = free_port()
+    env = {**os.environ, "FASTSERVE_HOME": str(tmp_path), "FASTSERVE_INFERENCE_PORT": str(port)}
+    start = time.monotonic()
+    result = subprocess.run([str(FASTSERVE), "models", "list"], env=env, capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"fastserve: nothing answers at 127.0.0.1:{port} (inference): the stack is not "
+                             "running? start it with `make up` (or `fastserve up`)\n")
+    # The interpreter's start-up and no retries: the old backoff alone was 3 s (0.2 + 0.4 + 0.8 + 1.6).
+    assert elapsed < 10
+
+    jobs = subprocess.run([str(FASTSERVE), "--host", "localhost", "preprocess", "list"], capture_output=True,
+                          text=True, timeout=60, env={**env, "FASTSERVE_PREPROCESSING_PORT": str(port)})
+    assert jobs.returncode == 2
+    assert jobs.stderr.startswith(f"fastserve: nothing answers at localhost:{port} (preprocessing): ")
+
+
+def test_tokenize_prints_ids_and_tokens(fastserve, preprocessing):
+    texts = ["FastServe takes a model.", "Return the value"]
+    with FastServeClient(ports={"preprocessing": preprocessing.port}) as fs:
+        expected = fs.preprocessing.tokenize("builtin://all-MiniLM-L6-v2", texts).results
+    data = json.loads(fastserve("tokenize", *texts, "--json").stdout)
+    assert data["tokenizer"] == "builtin://all-MiniLM-L6-v2"
+    assert [(r["text"], r["ids"], r["tokens"]) for r in data["results"]] == \
+        [(t, list(e.ids), list(e.tokens)) for t, e in zip(texts, expected, strict=True)]
+
+    shown = fastserve("tokenize", *texts)
+    assert shown.returncode == 0, shown.stderr
+    for text, e in zip(texts, expected, strict=True):
+        row = next(line for line in shown.stdout.splitlines() if line.startswith(text))
+        assert json.dumps(list(e.ids)) in row and json.dumps(list(e.tokens)) in row
+        assert f"  {len(e.ids)}  " in row
+
+    special = json.loads(fastserve("tokenize", "hello", "--special-tokens", "--json").stdout)["results"][0]
+    # Each text whole and alone: MiniLM's tokenizer.json pads to 128, which Tokenize does not apply.
+    assert special["tokens"] == ["[CLS]", "hello", "[SEP]"]
+    assert data["results"][1]["tokens"] == ["return", "the", "value"]
+
+    missing = fastserve("tokenize", "x", "--tokenizer", "artifact://tokenizers/nope/1")
+    assert missing.returncode == 1 and missing.stderr.startswith("NOT_FOUND: "), missing.stderr
 
 
 def test_load_generate_and_unload(fastserve, gpt_server):
@@ -89,6 +150,11 @@ def test_load_generate_and_unload(fastserve, gpt_server):
         whole = json.loads(fastserve("generate", "Return the", "--model", "gpt", "--max-new-tokens", "12",
                                      "--json").stdout)
         assert whole["text"] == expected and whole["finish_reason"] == "FINISH_REASON_LENGTH"
+
+        # The server's field is sampling.temperature; the user typed --temperature.
+        bad = fastserve("generate", "x", "--model", "gpt", "--temperature", "-1")
+        assert bad.returncode == 1
+        assert bad.stderr == "INVALID_ARGUMENT: temperature must be >= 0, got -1.0 (option --temperature)\n"
     finally:
         assert fastserve("models", "unload", "gpt").returncode == 0
     assert "gpt" not in [m["name"] for m in json.loads(fastserve("models", "list", "--json").stdout)]
@@ -97,7 +163,12 @@ def test_load_generate_and_unload(fastserve, gpt_server):
 def test_train_watch_follows_a_job_through_a_broken_stream(fastserve):
     lines = fastserve("train", "watch", scripted.JOB_ID, "--json")
     assert lines.returncode == 0, lines.stderr
-    assert [json.loads(line)["event_id"] for line in lines.stdout.splitlines()] == ["1", "2", "3", "4", "5"]
+    events = [json.loads(line) for line in lines.stdout.splitlines()]
+    assert [e["event_id"] for e in events] == ["1", "2", "3", "4", "5"]
+    # Struct numbers whole again (protobuf holds them as doubles); a float field stays a float.
+    assert events[1]["data"] == {"loss": 2.5, "tokens_per_second": 1000, "eta_seconds": 65}
+    assert type(events[1]["data"]["tokens_per_second"]) is int and type(events[3]["data"]["eta_seconds"]) is int
+    assert type(events[3]["progress"]) is float and events[3]["progress"] == 1.0
 
     live = fastserve("train", "watch", scripted.JOB_ID)
     assert live.returncode == 0, live.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -81,8 +82,22 @@ def test_load_stream_and_unload_a_generation_model(client):
     assert "gpt" not in [m.name for m in client.inference.list_models()]
 
 
+def test_a_call_that_reaches_no_server_fails_at_once():
+    port = free_port()
+    with FastServeClient(ports={"inference": port}, retry=NO_JITTER) as fs:
+        start = time.monotonic()
+        with pytest.raises(ClientError) as info:
+            fs.inference.list_models()
+        elapsed = time.monotonic() - start
+    error = info.value
+    assert error.code == grpc.StatusCode.UNAVAILABLE and error.attempts == 1 and elapsed < 0.5
+    assert error.unreachable and error.refused and error.address == f"127.0.0.1:{port}"
+
+
 def test_idempotent_calls_retry_with_backoff_and_others_do_not():
-    with FastServeClient(ports={"inference": free_port(), "training": free_port()}, retry=NO_JITTER) as fs:
+    # A window for unreachable servers, as a script riding out a restart gives: the backoff applies.
+    policy = replace(NO_JITTER, unreachable_for=5.0)
+    with FastServeClient(ports={"inference": free_port(), "training": free_port()}, retry=policy) as fs:
         start = time.monotonic()
         with pytest.raises(ClientError) as info:
             fs.inference.list_models()
@@ -96,6 +111,12 @@ def test_idempotent_calls_retry_with_backoff_and_others_do_not():
                 call()
             assert info.value.code == grpc.StatusCode.UNAVAILABLE and info.value.attempts == 1
             assert time.monotonic() - start < 0.5
+
+    # A window shorter than the backoff: tries at 0 and 0.1 s; the next would start at 0.3 s, past it.
+    with FastServeClient(ports={"inference": free_port()}, retry=replace(NO_JITTER, unreachable_for=0.25)) as fs:
+        with pytest.raises(ClientError) as info:
+            fs.inference.list_models()
+        assert info.value.attempts == 2
 
 
 def test_a_server_that_answers_unavailable(tmp_path):
@@ -119,7 +140,7 @@ def test_a_server_that_comes_up_late(tmp_path):
         scripted.serve(scripted.ScriptedInference(), Config.from_env({"FASTSERVE_HOME": str(tmp_path)}), port)))
     late.start()
     try:
-        policy = RetryPolicy(attempts=30, initial_backoff=0.05, max_backoff=0.2, jitter=0.0)
+        policy = RetryPolicy(attempts=30, initial_backoff=0.05, max_backoff=0.2, jitter=0.0, unreachable_for=10.0)
         with FastServeClient(ports={"inference": port}, retry=policy) as fs:
             start = time.monotonic()
             assert [m.name for m in fs.inference.list_models()] == ["scripted"]

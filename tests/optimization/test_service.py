@@ -6,7 +6,9 @@ import time
 
 import grpc
 import pytest
+from rich.console import Console
 
+from fastserve.cli.optimize import report_table
 from fastserve.common.v1 import jobs_pb2
 from fastserve.models.encoders import open_backend
 from fastserve.optimization.v1 import optimization_pb2 as pb
@@ -33,18 +35,26 @@ def svc(tmp_path_factory, redis_server):
         yield optimization_pb2_grpc.OptimizationServiceStub(channel), Stores.from_config(Config.from_env(env))
 
 
-def run(stub, **request):
+def run_watched(stub, **request):
     job = stub.SubmitOptimizationJob(pb.SubmitOptimizationJobRequest(**request)).job
-    for _ in stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), timeout=600):
-        pass
-    return stub.GetJob(pb.GetJobRequest(job_id=job.job_id)).job
+    events = [r.event for r in stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), timeout=600)]
+    return stub.GetJob(pb.GetJobRequest(job_id=job.job_id)).job, events
+
+
+def run(stub, **request):
+    return run_watched(stub, **request)[0]
 
 
 def test_minilm_to_onnx_int8_with_a_report_and_it_serves(svc):
     stub, stores = svc
-    job = run(stub, model_uri=MINILM, steps=[EXPORT, ONNX_INT8], target=pb.TARGET_CPU, output_name="minilm-int8",
-              quality_budget=pb.QualityBudget(max_relative_degradation=0.01))
+    job, events = run_watched(stub, model_uri=MINILM, steps=[EXPORT, ONNX_INT8], target=pb.TARGET_CPU,
+                              output_name="minilm-int8", quality_budget=pb.QualityBudget(max_relative_degradation=0.01))
     assert job.state == S.JOB_STATE_SUCCEEDED, job.error
+    # Each step's progress and log name it as the request did.
+    progress = [e.message for e in events if e.type == jobs_pb2.JOB_EVENT_TYPE_PROGRESS]
+    assert progress[:2] == ["step 1/2 export:onnx", "step 2/2 quantize:onnx_int8_dynamic"], progress
+    logs = [e.message for e in events if e.type == jobs_pb2.JOB_EVENT_TYPE_LOG]
+    assert [m.split(": done in ")[0] for m in logs if ": done in " in m] == progress[:2], logs
     report = stub.GetReport(pb.GetReportRequest(job_id=job.job_id)).report
     assert report.before.backend == "pytorch" and report.after.backend == "onnxruntime"
     assert report.before.size_bytes / report.after.size_bytes > 3.0
@@ -129,3 +139,27 @@ def test_unknown_model_is_not_found(svc):
         stub.SubmitOptimizationJob(pb.SubmitOptimizationJobRequest(model_uri="artifact://models/nope/1",
                                                                    steps=[EXPORT], output_name="x"))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_report_table_marks_a_figure_that_got_worse():
+    measured = dict(size_bytes=90_000_000, parameters=22_000_000, batched_size=32, quality_metric="perplexity")
+    report = pb.OptimizationReport(
+        job_id="j", before=pb.Measurement(latency_ms_batch1=10.0, throughput_batched=100.0, quality=20.0,
+                                          backend="pytorch", **measured),
+        after=pb.Measurement(latency_ms_batch1=16.8, throughput_batched=395.0, quality=25.0, backend="onnxruntime",
+                             **{**measured, "size_bytes": 23_000_000}))
+    table = report_table(report)
+    plain = Console(width=200, color_system=None, file=None)
+    with plain.capture() as captured:
+        plain.print(table)
+    rows = {line.split("│")[1].strip(): line for line in captured.get().splitlines() if line.count("│") > 3}
+    # Readable without colour: the ratio, the way it went, and the verdict in words.
+    assert "×1.68 slower, worse" in rows["latency, batch 1 (ms)"]
+    assert "×3.95 higher, better" in rows["throughput, batch 32 (seq/s)"]
+    assert "×0.26 smaller, better" in rows["size (MB)"] and "×1.00 unchanged" in rows["parameters"]
+    assert "×1.25 higher, worse" in rows["quality (perplexity)"]  # lower perplexity is better
+    # And in red where colour shows.
+    segments = list(Console(width=200, color_system="truecolor").render(table))
+    styles = {s.text.strip(): s.style for s in segments if "×" in s.text}
+    assert styles["×1.68 slower, worse"].color.name == "red"
+    assert styles["×3.95 higher, better"].color.name != "red"

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from celery import Celery
 
 from fastserve.client.channels import health_status
-from fastserve.runtime.config import JOB_SERVICES
+from fastserve.runtime.celery_app import client_app
+from fastserve.runtime.config import JOB_SERVICES, Config
 
 
 def free_port() -> int:
@@ -113,14 +113,12 @@ def start_worker(env: dict[str, str], log_dir: Path, include: str = "tests.suppo
                   "--concurrency", "1", "--without-mingle", "--without-gossip"],
                  env, log_dir / f"worker-{node.split('@')[0]}.log")
     proc.node = node
-    app = Celery(broker=env["FASTSERVE_REDIS_URL"])
+    # The ping travels in the worker's namespace, as every Celery message does.
+    app = client_app(Config.from_env({**os.environ, **env}))
     deadline = time.monotonic() + timeout
-    try:
-        while not app.control.ping(destination=[node], timeout=0.5):
-            if proc.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not start:\n{proc.log_text()[-3000:]}")
-    finally:
-        app.close()
+    while not app.control.ping(destination=[node], timeout=0.5):
+        if proc.process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"worker did not start:\n{proc.log_text()[-3000:]}")
     return proc
 
 

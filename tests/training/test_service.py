@@ -6,7 +6,11 @@ from __future__ import annotations
 import collections
 import json
 import math
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -56,13 +60,17 @@ def datasets(stores):
 
 
 @pytest.fixture(scope="module")
-def stub(env, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("train-logs")
-    service = start_service("training", env, logs)
+def service(env, tmp_path_factory):
+    proc = start_service("training", env, tmp_path_factory.mktemp("train-logs"))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(service):
     channel = grpc.insecure_channel(service.target)
     yield training_pb2_grpc.TrainingServiceStub(channel)
     channel.close()
-    service.stop()
 
 
 @pytest.fixture
@@ -218,7 +226,7 @@ def test_bad_requests_queue_nothing(stub, stores, datasets):
     heads = gpt(datasets)
     heads.model.architecture.num_heads = 5
     for request, field in [(unknown, "model.architecture.family"), (bert_lm, "model.architecture.family"),
-                           (wrong_task, "dataset_uri"), (bad_lr, "hyperparameters.learning_rate"),
+                           (wrong_task, "task"), (bad_lr, "hyperparameters.learning_rate"),
                            (bad_batch, "hyperparameters.batch_size"), (heads, "model.architecture.num_heads")]:
         with pytest.raises(grpc.RpcError) as info:
             stub.SubmitTrainingJob(request)
@@ -228,9 +236,99 @@ def test_bad_requests_queue_nothing(stub, stores, datasets):
     missing.dataset_uri = "artifact://datasets/nope/1"
     huge = gpt(datasets)
     huge.model.architecture.hidden_size, huge.model.architecture.num_layers = 8192, 96
-    for request in (missing, huge):
-        with pytest.raises(grpc.RpcError) as info:
-            stub.SubmitTrainingJob(request)
-        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
-    assert "GiB" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.SubmitTrainingJob(missing)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and field_of(info.value) == "dataset_uri"
+    with pytest.raises(grpc.RpcError) as info:
+        stub.SubmitTrainingJob(huge)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "GiB" in info.value.details()
+    assert stores.jobs.list("training").total_size == before
+
+
+def test_the_task_comes_from_the_dataset_and_each_line_is_reported_once(stub, worker, stores, datasets):
+    bert = pb.SubmitTrainingJobRequest(
+        model=pb.ModelSpec(architecture=pb.ArchitectureConfig(family=pb.ARCHITECTURE_FAMILY_BERT, num_layers=1,
+                                                              hidden_size=32, num_heads=2,
+                                                              max_position_embeddings=64)),
+        dataset_uri=datasets["topics"], output_name="topics-bert",
+        hyperparameters=pb.Hyperparameters(batch_size=8, max_steps=10, log_interval_steps=5, eval_batches=2))
+    lm = gpt(datasets, steps=40, log_interval_steps=10, eval_interval_steps=20)
+    lm.task = pb.TRAINING_TASK_UNSPECIFIED
+    classifier, causal = stub.SubmitTrainingJob(bert).job, stub.SubmitTrainingJob(lm).job
+    assert classifier.params["task"] == "sequence_classification" and causal.params["task"] == "causal_lm"
+    events = watch(stub, causal.job_id)
+    watch(stub, classifier.job_id)
+    labels = set(stores.artifacts.resolve(datasets["topics"]).manifest["metadata"]["dataset"]["label_map"])
+    config = json.loads((stores.artifacts.resolve(finished(stub, classifier.job_id).result["model_uri"]).path
+                         / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"]
+    assert set(config["id2label"].values()) == labels
+    config = json.loads((stores.artifacts.resolve(finished(stub, causal.job_id).result["model_uri"]).path
+                         / "config.json").read_text())
+    assert config["architectures"] == ["GPT2LMHeadModel"]
+    # What a loop printing each event's progress and message shows: every line once, with its progress.
+    messages = [e.message for e in events]
+    assert not [a for a, b in zip(messages, messages[1:], strict=False) if a and a == b], messages
+    reports = [e for e in events if e.type == jobs_pb2.JOB_EVENT_TYPE_METRICS]
+    assert [m["step"] for m in metrics(events) if "loss" in m] == [10, 20, 30, 40]
+    assert all(e.message.startswith(f"step {int(e.data['step'])}") for e in reports)
+    assert reports[0].progress == pytest.approx(0.25) and reports[-1].progress == pytest.approx(1.0)
+    assert not any(e.type == jobs_pb2.JOB_EVENT_TYPE_PROGRESS for e in events)
+
+
+def _cli(service, *args: str) -> subprocess.CompletedProcess:
+    fastserve = Path(sys.executable).with_name("fastserve")
+    env = {**os.environ, "FASTSERVE_HOST": "127.0.0.1", "FASTSERVE_TRAINING_PORT": str(service.port)}
+    return subprocess.run([str(fastserve), *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_a_cancelled_job_resumes_from_its_checkpoint_as_a_new_job(stub, service, worker, stores, datasets):
+    old = stub.SubmitTrainingJob(gpt(datasets, steps=5000, checkpoint_interval_steps=20, log_interval_steps=10)).job
+    stream = stub.WatchJob(pb.WatchJobRequest(job_id=old.job_id), timeout=120)
+    before = []
+    for response in stream:
+        before.append(response.event)
+        if response.event.type == jobs_pb2.JOB_EVENT_TYPE_ARTIFACT:
+            stub.CancelJob(pb.CancelJobRequest(job_id=old.job_id))
+            break
+    before += [r.event for r in stream]
+    assert stub.GetJob(pb.GetJobRequest(job_id=old.job_id)).job.state == S.JOB_STATE_CANCELLED
+    saved = stores.artifacts.versions("checkpoints", old.job_id)[-1]
+    assert saved >= 20
+
+    resumed = _cli(service, "--json", "train", "resume", old.job_id, "--max-steps", str(saved + 20))
+    assert resumed.returncode == 0, resumed.stderr
+    new = json.loads(resumed.stdout)
+    assert new["job_id"] != old.job_id and new["params"]["resumed_from"] == old.job_id
+    assert new["params"]["resume_checkpoint"] == f"artifact://checkpoints/{old.job_id}/{saved}"
+    events = watch(stub, new["job_id"])
+    done = finished(stub, new["job_id"])
+    assert int(done.result["metrics"]["resumed_from_step"]) == saved and int(done.result["steps"]) == saved + 20
+    first = next(m for m in metrics(events) if "loss" in m)
+    # The step count goes on from the checkpoint, and so does the loss: the weights are the trained ones.
+    assert saved < first["step"] <= saved + 10
+    old_losses = [m["loss"] for m in metrics(before) if "loss" in m]
+    assert first["loss"] < old_losses[0] - 0.3, (first, old_losses)
+    # The old job is untouched: still cancelled, its checkpoints kept.
+    assert stub.GetJob(pb.GetJobRequest(job_id=old.job_id)).job.state == S.JOB_STATE_CANCELLED
+    assert saved in stores.artifacts.versions("checkpoints", old.job_id)
+
+
+def test_only_a_cancelled_or_failed_job_with_a_checkpoint_resumes(stub, stores, datasets):
+    # No worker here: the job stays queued, and cancelled it ends before any checkpoint.
+    queued = stub.SubmitTrainingJob(gpt(datasets)).job
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ResumeTrainingJob(pb.ResumeTrainingJobRequest(job_id=queued.job_id))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "QUEUED" in info.value.details()
+    stub.CancelJob(pb.CancelJobRequest(job_id=queued.job_id))
+    before = stores.jobs.list("training").total_size
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ResumeTrainingJob(pb.ResumeTrainingJobRequest(job_id=queued.job_id))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no checkpoint" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ResumeTrainingJob(pb.ResumeTrainingJobRequest(job_id="no-such-job"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ResumeTrainingJob(pb.ResumeTrainingJobRequest())
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_of(info.value) == "job_id"
     assert stores.jobs.list("training").total_size == before

@@ -66,6 +66,29 @@ def test_stop_then_resume_equals_an_uninterrupted_run(setup):
     assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], rel=1e-5)
 
 
+def test_a_job_started_from_another_jobs_checkpoint_equals_an_uninterrupted_run(setup):
+    stores, uri = setup
+    core = Training(stores)
+    straight_model, _ = core.train(core.prepare(params(uri)), "whole", Recorder(core, "whole"))
+    with pytest.raises(Stopped):
+        core.train(core.prepare(params(uri)), "first", Recorder(core, "first", stop_at=10))
+    resumed = {**params(uri), "resume_checkpoint": "artifact://checkpoints/first/10"}
+    recorder = Recorder(core, "second")
+    model, outcome = core.train(core.prepare(resumed), "second", recorder)
+    assert outcome.metrics["resumed_from_step"] == 10 and outcome.steps == 20
+    assert [r["step"] for r in recorder.reports if "loss" in r] == [15, 20]
+    for (name, a), (_, b) in zip(straight_model.state_dict().items(), model.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    # A limit the checkpoint already reached trains no further; the model is the checkpoint's.
+    reached = {**resumed, "hyperparameters": {**resumed["hyperparameters"], "max_steps": 5}}
+    recorder = Recorder(core, "third")
+    _, outcome = core.train(core.prepare(reached), "third", recorder)
+    assert outcome.steps == 10 and recorder.reports == []
+    gone = {**resumed, "resume_checkpoint": "artifact://checkpoints/first/9"}
+    with pytest.raises(FailedPrecondition, match="checkpoints/first/9"):
+        core.train(core.prepare(gone), "fourth", Recorder(core, "fourth"))
+
+
 def test_sampler_order_depends_only_on_seed_and_position():
     a, b = Sampler(100, 8, seed=1), Sampler(100, 8, seed=1)
     position = Position()

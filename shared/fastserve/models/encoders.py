@@ -21,11 +21,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastserve.models.kinds import CLASSIFIER, ENCODER, read_config
-from fastserve.models.loading import ONNX, load_model, onnx_session, pick_device, torch_dtype, weights_format
+from fastserve.models.kinds import CLASSIFIER, ENCODER, folder_label, read_config
+from fastserve.models.loading import (
+    ONNX,
+    ONNX_FILE,
+    load_model,
+    onnx_session,
+    pick_device,
+    torch_dtype,
+    weights_format,
+)
 from fastserve.models.pooling import mean_pool
 from fastserve.models.tokenizers import load_tokenizer
-from fastserve.runtime.errors import InvalidArgument
+from fastserve.runtime.errors import FailedPrecondition, InvalidArgument
 
 TASKS = ("embedding", "sequence_classification", "raw")
 
@@ -122,12 +130,12 @@ class TorchBackend(EncoderBackend):
 
     def __init__(self, folder: Path, task: str, dtype: str = "") -> None:
         """Any PyTorch folder `fastserve.models.loading` loads: plain, head-pruned or torchao-quantized."""
+        if weights_format(folder) == ONNX:
+            raise FailedPrecondition(f"{folder_label(folder)} holds only an ONNX graph ({ONNX_FILE}, "
+                                     "no PyTorch weights): serve it on ONNX Runtime", field="config.backend")
         super().__init__(folder, task)
         self.device = pick_device()
         dtype_ = torch_dtype(dtype, self.device)
-        if weights_format(folder) == ONNX:
-            raise InvalidArgument(f"{folder.name} is an ONNX model: load it with the ONNX Runtime backend",
-                                  field="config.backend")
         # Embeddings and raw outputs need the bare encoder even from a classifier's folder.
         kind = CLASSIFIER if task == "sequence_classification" else ENCODER
         self.model = load_model(folder, kind, dtype_, self.device)
@@ -157,7 +165,14 @@ class OnnxBackend(EncoderBackend):
         return self.session.run(None, {k: v for k, v in feed.items() if k in self.inputs})[0]
 
 
+def default_backend(folder: Path) -> str:
+    """The backend a folder runs on when nobody asks for one: ONNX Runtime for an ONNX-only folder (what an
+    export publishes), else PyTorch."""
+    return OnnxBackend.platform if weights_format(folder) == ONNX else TorchBackend.platform
+
+
 def open_backend(folder: Path, backend: str, task: str, dtype: str) -> EncoderBackend:
-    if backend == "onnxruntime":
+    """`backend` pytorch or onnxruntime; empty: the folder's `default_backend`."""
+    if (backend or default_backend(folder)) == OnnxBackend.platform:
         return OnnxBackend(folder, task, dtype)
     return TorchBackend(folder, task, dtype)

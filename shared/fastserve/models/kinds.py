@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fastserve.runtime.errors import InvalidArgument
+from fastserve.runtime.errors import FailedPrecondition, InvalidArgument
 
 ENCODER = "encoder"  # a bare transformer: sentence embeddings or raw hidden states
 CLASSIFIER = "classifier"  # a sequence-classification head
@@ -30,14 +30,23 @@ TASKS = {ENCODER: "embedding", CLASSIFIER: "sequence_classification", DECODER: "
 _GENERATIVE = ("CausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
+def folder_label(folder: Path) -> str:
+    """A folder as messages name it: an artifact version's folder is its number, so its name goes too."""
+    return "/".join(Path(folder).parts[-2:])
+
+
 def read_config(folder: Path, field: str = "model_uri") -> dict[str, Any]:
+    """The folder's config.json. A folder without a readable one exists but cannot be used, whatever the
+    request asked: FailedPrecondition, naming the request's `field`."""
     path = Path(folder) / "config.json"
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise InvalidArgument(f"{Path(folder).name} has no config.json: not a model folder", field=field) from None
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(f"{path.name} of {Path(folder).name} is not JSON: {exc}", field=field) from None
+        raise FailedPrecondition(f"{folder_label(folder)} has no config.json: not a model folder",
+                                 field=field) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FailedPrecondition(f"the config.json of {folder_label(folder)} cannot be read: {exc}",
+                                 field=field) from None
 
 
 def kind_of_config(config: dict[str, Any]) -> str:

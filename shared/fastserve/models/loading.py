@@ -13,6 +13,7 @@ transformers checkpoint.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import transformers
 from torch import nn
 
 from fastserve.models import pruned
-from fastserve.models.kinds import auto_class, read_config
+from fastserve.models.kinds import auto_class, folder_label, read_config
 from fastserve.models.quantized import is_quantized, load_quantized_torch
 from fastserve.runtime.errors import FailedPrecondition, InvalidArgument
 
@@ -35,6 +36,22 @@ ONNX_FILE = "model.onnx"
 DTYPES = {"": torch.float32, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 _WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
+# onnxruntime's own exceptions (none derives from OSError or RuntimeError) for a graph it cannot read or run.
+_ORT_ERRORS = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NoModel",
+               "RuntimeException", "NotImplemented")
+
+
+@functools.cache
+def folder_errors() -> tuple[type[Exception], ...]:
+    """What reading or first running a model folder raises when the folder is at fault (missing or truncated
+    files, weights that do not fit the config, a graph onnxruntime refuses): transformers' OSError and
+    ValueError, torch's RuntimeError, safetensors' and onnxruntime's own. Callers turn these into
+    FailedPrecondition; anything else is a bug and stays INTERNAL."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+    from safetensors import SafetensorError
+
+    ort = tuple(getattr(ort_state, name) for name in _ORT_ERRORS if hasattr(ort_state, name))
+    return (OSError, ValueError, RuntimeError, SafetensorError, *ort)
 
 
 def pick_device() -> torch.device:
@@ -75,7 +92,8 @@ def load_config(folder: Path, field: str = "model_uri") -> Any:
     try:
         return AutoConfig.from_pretrained(str(folder))
     except (OSError, ValueError) as exc:
-        raise InvalidArgument(f"cannot read the model config in {Path(folder).name}: {exc}", field=field) from None
+        raise FailedPrecondition(f"transformers cannot read the config of {folder_label(folder)}: {exc}",
+                                 field=field) from None
 
 
 def load_model(folder: Path, kind: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
@@ -89,8 +107,8 @@ def load_model(folder: Path, kind: str, dtype: torch.dtype | None = None, device
     auto = auto_class(kind)
     fmt = weights_format(folder)
     if fmt == ONNX:
-        raise InvalidArgument(f"{folder.name} holds an ONNX graph, not PyTorch weights: load it with ONNX Runtime",
-                              field=field)
+        raise FailedPrecondition(f"{folder_label(folder)} holds an ONNX graph ({ONNX_FILE}) and no PyTorch "
+                                 "weights: it runs on ONNX Runtime only", field=field)
     _register_if_pruned(folder, field)
     try:
         if fmt == TORCHAO:
@@ -98,8 +116,10 @@ def load_model(folder: Path, kind: str, dtype: torch.dtype | None = None, device
         else:
             options = dict(from_pretrained) | ({} if dtype is None else {"dtype": dtype})
             model = auto.from_pretrained(str(folder), **options)
-    except (OSError, ValueError) as exc:
-        raise InvalidArgument(f"cannot load a {kind} from {folder.name}: {exc}", field=field) from None
+    except folder_errors() as exc:
+        log.warning("loading the %s in %s failed", kind, folder, exc_info=True)
+        raise FailedPrecondition(f"cannot load the {kind} in {folder_label(folder)}: "
+                                 f"{type(exc).__name__}: {error_gist(exc)}", field=field) from None
     if device is not None:
         model = model.to(device)
     return model.eval()
@@ -112,10 +132,22 @@ def onnx_session(folder: Path, field: str = "config.backend") -> Any:
     folder = Path(folder)
     path = folder / ONNX_FILE
     if not path.is_file():
-        raise InvalidArgument(f"{folder.name} has no {ONNX_FILE} for the ONNX Runtime backend", field=field)
+        raise FailedPrecondition(f"{folder_label(folder)} has no {ONNX_FILE}: ONNX Runtime runs an exported "
+                                 "graph (optimization's export step writes one)", field=field)
     # Ask for CUDA only where there is a GPU: onnxruntime-gpu lists its CUDA provider even without one.
     wanted = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()
               and (p != "CUDAExecutionProvider" or torch.cuda.is_available())]
-    session = ort.InferenceSession(str(path), providers=wanted)
+    try:
+        session = ort.InferenceSession(str(path), providers=wanted)
+    except folder_errors() as exc:
+        log.warning("ONNX Runtime refused %s", path, exc_info=True)
+        raise FailedPrecondition(f"ONNX Runtime cannot load the {ONNX_FILE} of {folder_label(folder)}: "
+                                 f"{type(exc).__name__}: {error_gist(exc)}") from None
     log.info("ONNX Runtime session for %s runs on %s", folder.name, session.get_providers())
     return session
+
+
+def error_gist(exc: BaseException, limit: int = 300) -> str:
+    """The gist of a library's error: some span pages (a whole state-dict diff, a C++ backtrace)."""
+    text = str(exc).strip().splitlines()
+    return text[0][:limit] if text else "no message"

@@ -6,6 +6,7 @@ built-in model shipped in a Python package, `builtin://<name>`: no download ever
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,11 +29,16 @@ BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
 
 
 def resolve_dir(store: ArtifactStore, ref: str, field: str, kinds: tuple[str, ...] = ("models", "tokenizers")) -> Path:
-    """The folder `ref` names: a published artifact of one of `kinds`, or a built-in model."""
+    """The folder `ref` names: a published artifact of one of `kinds`, or a built-in model.
+
+    A reference to nothing is NotFound, one to an artifact of another kind InvalidArgument (the request
+    itself is wrong, whatever the store holds); both name `field`."""
     if ref.startswith(BUILTIN):
         name = ref[len(BUILTIN):]
         if name not in BUILTIN_MODELS:
-            raise NotFound(f"no built-in model {name!r}; built-ins: {', '.join(BUILTIN_MODELS)}")
+            close = difflib.get_close_matches(name, BUILTIN_MODELS, n=1)
+            hint = f"did you mean '{BUILTIN}{close[0]}'?" if close else f"built-ins: {', '.join(BUILTIN_MODELS)}"
+            raise NotFound(f"no built-in model {name!r}; {hint}", field=field)
         return BUILTIN_MODELS[name]()
     if not ref:
         raise InvalidArgument(f"{field} is required", field=field)

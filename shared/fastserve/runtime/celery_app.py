@@ -38,8 +38,12 @@ def celery_settings(config: Config) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "broker_transport_options": {"visibility_timeout": config.job_visibility_timeout},
-        "result_backend_transport_options": {"visibility_timeout": config.job_visibility_timeout},
+        # Every broker and result key (queues, bindings, unacked, control fanout, results) under the stack's
+        # prefix: a worker of one namespace never takes another's jobs on a shared Redis.
+        "broker_transport_options": {"visibility_timeout": config.job_visibility_timeout,
+                                     "global_keyprefix": config.redis_prefix},
+        "result_backend_transport_options": {"visibility_timeout": config.job_visibility_timeout,
+                                             "global_keyprefix": config.redis_prefix},
         "result_expires": 7 * 24 * 3600,
         "task_track_started": True,
         "worker_hijack_root_logger": False,

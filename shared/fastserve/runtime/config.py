@@ -8,7 +8,9 @@ reads the environment. The defaults run the whole stack on one machine.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,8 @@ __all__ = ["JOB_SERVICES", "SERVICES", "Config", "describe"]
 
 JOB_SERVICES: tuple[str, ...] = ("preprocessing", "training", "optimization")
 """Services whose long operations run as Celery jobs; each has a queue of its own name."""
+
+_NAMESPACE = re.compile(r"[a-z0-9-]{1,40}")
 
 
 def _setting(env: str, default: Any, doc: str) -> Any:
@@ -55,6 +59,12 @@ class Config:
         "FASTSERVE_REDIS_URL", "",
         "Redis for jobs and Celery. Empty: use redis://127.0.0.1:6379/0 if it answers, else start an "
         "embedded redis-server under FASTSERVE_HOME.")
+    namespace: str = _setting(
+        "FASTSERVE_NAMESPACE", "",
+        "This stack's share of Redis: its jobs, events, leases and Celery queues and results are all keyed "
+        "under `fastserve:<namespace>:`, so stacks on one Redis never see each other's jobs; [a-z0-9-], at "
+        "most 40. Empty: `home-` and 12 hex digits of the sha256 of the absolute FASTSERVE_HOME path. Set it "
+        "when the hosts of one stack mount its home at different paths.")
     embedded_redis_port: int = _setting(
         "FASTSERVE_EMBEDDED_REDIS_PORT", 6390, "Loopback port of the embedded Redis, when one is started.")
     inference_models: str = _setting(
@@ -90,6 +100,14 @@ class Config:
     worker_concurrency: int = _setting(
         "FASTSERVE_WORKER_CONCURRENCY", 1, "Jobs one Celery worker process runs at once.")
 
+    def __post_init__(self) -> None:
+        if not self.namespace:
+            object.__setattr__(self, "namespace", _derived_namespace(self.home))
+        elif not _NAMESPACE.fullmatch(self.namespace):
+            raise InvalidArgument(
+                f"FASTSERVE_NAMESPACE={self.namespace!r} must be 1 to 40 lowercase letters, digits or '-'",
+                field="FASTSERVE_NAMESPACE")
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
         """Read every setting from `env` (default: the process environment), parsing by declared type."""
@@ -102,6 +120,11 @@ class Config:
             values[f.name] = _parse(f.metadata["env"], f.type, raw)
         config = cls(**values)
         return dataclasses.replace(config, home=Path(os.path.expanduser(str(config.home))))
+
+    @property
+    def redis_prefix(self) -> str:
+        """What every Redis key of this stack starts with."""
+        return f"fastserve:{self.namespace}:"
 
     @property
     def client_host(self) -> str:
@@ -124,6 +147,12 @@ class Config:
     def env(self) -> dict[str, str]:
         """These settings as environment variables, to hand to a child process."""
         return {f.metadata["env"]: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _derived_namespace(home: Path) -> str:
+    # The home is the stack's identity on one machine: two homes are two stacks, even on one Redis.
+    path = str(Path(os.path.expanduser(str(home))).resolve())
+    return f"home-{hashlib.sha256(path.encode()).hexdigest()[:12]}"
 
 
 def _known(service: str) -> str:

@@ -18,26 +18,26 @@ class FieldViolation:
 
 
 class FastServeError(Exception):
-    """Base of all domain errors; `message` is safe to show to the caller."""
+    """Base of all domain errors; `message` is safe to show to the caller. `field` (or `violations`)
+    names the request fields at fault, whatever the code: the malformed field of an INVALID_ARGUMENT,
+    and as well the field that named a missing artifact (NOT_FOUND) or an unusable one
+    (FAILED_PRECONDITION), so that a client can point at what the user typed."""
 
     reason = "INTERNAL"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, field: str | None = None,
+                 violations: list[FieldViolation] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.violations = list(violations or [])
+        if field is not None:
+            self.violations.insert(0, FieldViolation(field, message))
 
 
 class InvalidArgument(FastServeError):
     """The request is malformed; `violations` names each offending field."""
 
     reason = "INVALID_ARGUMENT"
-
-    def __init__(self, message: str, field: str | None = None,
-                 violations: list[FieldViolation] | None = None) -> None:
-        super().__init__(message)
-        self.violations = list(violations or [])
-        if field is not None:
-            self.violations.insert(0, FieldViolation(field, message))
 
 
 class NotFound(FastServeError):

@@ -209,7 +209,7 @@ class ErrorInterceptor(_Interceptor):
         detail = errors_pb2.ErrorDetail(
             reason=errors_pb2.ErrorReason.Value(f"ERROR_REASON_{reason}"), request_id=rid, service=self.service)
         details = [_pack(detail)]
-        if isinstance(exc, errors.InvalidArgument) and exc.violations:
+        if isinstance(exc, errors.FastServeError) and exc.violations:
             details.insert(0, _pack(error_details_pb2.BadRequest(field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
                 for v in exc.violations])))

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import redis
 
-from fastserve.runtime.jobs import PREFIX, EventType, JobState, JobStore
+from fastserve.runtime.jobs import EventType, JobState, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +32,11 @@ return 0
 """
 
 
-def lease_key(job_id: str) -> str:
-    return f"{PREFIX}:job:{job_id}:lease"
-
-
 class JobLease:
     """The exclusive right to run a job, renewed every third of its TTL while held."""
 
-    def __init__(self, client: redis.Redis, job_id: str, ttl_seconds: float) -> None:
-        self.client, self.key, self.ttl_ms = client, lease_key(job_id), int(ttl_seconds * 1000)
+    def __init__(self, store: JobStore, job_id: str, ttl_seconds: float) -> None:
+        self.client, self.key, self.ttl_ms = store.redis, store.job_key(job_id, "lease"), int(ttl_seconds * 1000)
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -79,9 +75,9 @@ def recover_orphans(store: JobStore, services: tuple[str, ...], requeue: Callabl
         page = store.list(service, states=frozenset({JobState.RUNNING, JobState.CANCELLING}),
                           page_size=1000)
         for job in page.jobs:
-            if store.redis.exists(lease_key(job.job_id)):
+            if store.redis.exists(store.job_key(job.job_id, "lease")):
                 continue
-            if not store.redis.set(f"{PREFIX}:job:{job.job_id}:requeue", 1, nx=True, px=int(claim_seconds * 1000)):
+            if not store.redis.set(store.job_key(job.job_id, "requeue"), 1, nx=True, px=int(claim_seconds * 1000)):
                 continue
             store.report(job.job_id, EventType.LOG, "its worker was lost; queued again to resume")
             requeue(service, job.job_id)

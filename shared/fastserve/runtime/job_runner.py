@@ -43,8 +43,9 @@ class JobContext:
     def progress(self, fraction: float, message: str = "") -> None:
         self.stores.jobs.report(self.job.job_id, EventType.PROGRESS, message, progress=fraction)
 
-    def metrics(self, message: str = "", **values: Any) -> None:
-        self.stores.jobs.report(self.job.job_id, EventType.METRICS, message, data=values)
+    def metrics(self, message: str = "", fraction: float | None = None, **values: Any) -> None:
+        """Figures as a METRICS event; with `fraction`, the event is the progress report too."""
+        self.stores.jobs.report(self.job.job_id, EventType.METRICS, message, progress=fraction, data=values)
 
     def log(self, message: str) -> None:
         self.stores.jobs.report(self.job.job_id, EventType.LOG, message)
@@ -82,7 +83,7 @@ def context_from_env() -> Stores:
 
 def run(stores: Stores, job_id: str) -> JobState:
     """Run job `job_id` to a terminal state (or leave it as it is if it ended or runs elsewhere)."""
-    lease = JobLease(stores.jobs.redis, job_id, stores.config.job_lease_seconds)
+    lease = JobLease(stores.jobs, job_id, stores.config.job_lease_seconds)
     if not lease.acquire():
         log.info("job %s is already running elsewhere; this delivery does nothing", job_id)
         return stores.jobs.get(job_id).state
@@ -142,5 +143,7 @@ class ProgressMeter:
         fraction = min(done_bytes / self.total, 1.0)
         message = f"{items} {self.unit}, {done_bytes / 1e6:.1f}/{self.total / 1e6:.1f} MB"
         self.ctx.progress(fraction, message)
-        self.ctx.metrics(message, **{self.unit: items}, bytes=done_bytes, mb_per_s=round(rate / 1e6, 3),
+        # The figures without the line: the PROGRESS event above carries it, and a watcher that prints
+        # messages would print it twice.
+        self.ctx.metrics(**{self.unit: items}, bytes=done_bytes, mb_per_s=round(rate / 1e6, 3),
                          eta_seconds=round((self.total - done_bytes) / rate, 1) if rate else None)

@@ -1,7 +1,9 @@
 """The job store shared by every service, kept in Redis.
 
-A job is a hash `fastserve:job:<id>` (state, progress, params, result, ...) plus a Redis stream
-`fastserve:job:<id>:events` holding its events in order. A watcher reads the stream from any event id,
+Every key is under the stack's prefix `fastserve:<namespace>:` (`Config.redis_prefix`), so stacks
+sharing one Redis never see each other's jobs. A job is a hash `<prefix>job:<id>` (state, progress,
+params, result, ...) plus a Redis stream `<prefix>job:<id>:events` holding its events in order, and
+each service has an index `<prefix>jobs:<service>`. A watcher reads the stream from any event id,
 so one that reconnects gets what it missed and then live events. State changes are checked
 transactions: a job moves QUEUED → RUNNING → CANCELLING → SUCCEEDED | FAILED | CANCELLED, never out
 of a terminal state, and every change appends a STATE event.
@@ -23,7 +25,6 @@ import redis
 
 from fastserve.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 
-PREFIX = "fastserve"
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 _EVENT_ID = re.compile(r"^\d+-\d+$")
@@ -109,26 +110,23 @@ class JobPage:
 
 
 class JobStore:
-    """Jobs of every service in one Redis; safe to share between threads and processes."""
+    """Jobs of every service of one stack, its keys all under `prefix`; safe to share between threads and
+    processes."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
         self.redis = client
+        self.prefix = prefix
 
     @classmethod
-    def from_url(cls, url: str) -> JobStore:
-        return cls(redis.Redis.from_url(url, decode_responses=True))
+    def from_url(cls, url: str, prefix: str) -> JobStore:
+        return cls(redis.Redis.from_url(url, decode_responses=True), prefix)
 
-    @staticmethod
-    def _key(job_id: str) -> str:
-        return f"{PREFIX}:job:{job_id}"
+    def job_key(self, job_id: str, part: str = "") -> str:
+        """The key of job `job_id`'s hash, or of one of its parts (`events`, `lease`, `requeue`)."""
+        return f"{self.prefix}job:{job_id}{':' + part if part else ''}"
 
-    @staticmethod
-    def _events(job_id: str) -> str:
-        return f"{PREFIX}:job:{job_id}:events"
-
-    @staticmethod
-    def _index(service: str) -> str:
-        return f"{PREFIX}:jobs:{service}"
+    def _index(self, service: str) -> str:
+        return f"{self.prefix}jobs:{service}"
 
     def create(self, service: str, job_type: str, params: dict[str, Any]) -> Job:
         """Record a new QUEUED job and its first event."""
@@ -136,7 +134,7 @@ class JobStore:
         job = Job(job_id=uuid.uuid4().hex, service=service, job_type=job_type, state=JobState.QUEUED,
                   params=params, create_time=now, update_time=now, message="queued")
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(self._key(job.job_id), mapping={
+        pipe.hset(self.job_key(job.job_id), mapping={
             "job_id": job.job_id, "service": service, "job_type": job_type, "state": job.state.value,
             "progress": 0, "message": job.message, "params": json.dumps(params), "result": "{}",
             "create_time": now, "update_time": now, "cancel_requested": 0})
@@ -146,7 +144,7 @@ class JobStore:
         return job
 
     def get(self, job_id: str) -> Job:
-        h = self.redis.hgetall(self._key(job_id)) if job_id else {}
+        h = self.redis.hgetall(self.job_key(job_id)) if job_id else {}
         if not h:
             raise NotFound(f"no job {job_id!r}")
         return Job.from_hash(h)
@@ -160,7 +158,7 @@ class JobStore:
         ids = self.redis.zrevrange(self._index(service), 0, -1)
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hgetall(self._key(job_id))
+            pipe.hgetall(self.job_key(job_id))
         jobs = [Job.from_hash(h) for h in pipe.execute() if h]
         jobs = [j for j in jobs if (not job_type or j.job_type == job_type) and (not states or j.state in states)]
         size = page_size or DEFAULT_PAGE_SIZE
@@ -171,7 +169,7 @@ class JobStore:
     def transition(self, job_id: str, to: JobState, message: str = "", error: str = "",
                    result: dict[str, Any] | None = None) -> Job:
         """Move the job to `to` if its current state allows it; FailedPrecondition otherwise."""
-        key = self._key(job_id)
+        key = self.job_key(job_id)
 
         def apply(pipe: redis.client.Pipeline) -> None:
             current = pipe.hget(key, "state")
@@ -206,7 +204,7 @@ class JobStore:
         job = self.get(job_id)
         if job.state.terminal:
             raise FailedPrecondition(f"job {job_id} already ended {job.state.value}")
-        self.redis.hset(self._key(job_id), "cancel_requested", 1)
+        self.redis.hset(self.job_key(job_id), "cancel_requested", 1)
         message = f"cancel requested{': ' + reason if reason else ''}"
         try:
             if job.state is JobState.QUEUED:
@@ -218,7 +216,7 @@ class JobStore:
         return self.get(job_id)
 
     def cancel_requested(self, job_id: str) -> bool:
-        return self.redis.hget(self._key(job_id), "cancel_requested") == "1"
+        return self.redis.hget(self.job_key(job_id), "cancel_requested") == "1"
 
     def report(self, job_id: str, type: EventType, message: str = "", progress: float | None = None,
                data: dict[str, Any] | None = None) -> None:
@@ -231,13 +229,13 @@ class JobStore:
         fields: dict[str, Any] = {"progress": progress, "update_time": time.time()}
         if message:
             fields["message"] = message
-        pipe.hset(self._key(job_id), mapping=fields)
+        pipe.hset(self.job_key(job_id), mapping=fields)
         self._add_event(pipe, job_id, type, job.state, progress, message, data or {})
         pipe.execute()
 
     def _add_event(self, pipe, job_id: str, type: EventType, state: JobState, progress: float, message: str,
                    data: dict[str, Any]) -> None:
-        pipe.xadd(self._events(job_id), {
+        pipe.xadd(self.job_key(job_id, "events"), {
             "type": type.value, "state": state.value, "progress": progress, "message": message,
             "data": json.dumps(data), "time": time.time()})
 
@@ -250,7 +248,7 @@ class JobStore:
             raise InvalidArgument(f"after_event_id {after_event_id!r} is not an event id", field="after_event_id")
         last = after_event_id or "0-0"
         while not stop():
-            batches = self.redis.xread({self._events(job_id): last}, count=100, block=block_ms)
+            batches = self.redis.xread({self.job_key(job_id, "events"): last}, count=100, block=block_ms)
             for _stream, entries in batches or []:
                 for event_id, f in entries:
                     last = event_id

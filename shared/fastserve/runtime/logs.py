@@ -12,6 +12,11 @@ import logging
 import sys
 import time
 
+from fastserve.runtime.noise import silence_import_noise
+
+# At import, before any service module imports torchao: servers and the worker import this module first.
+silence_import_noise()
+
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 _configured = False

@@ -18,4 +18,5 @@ class Stores:
 
     @classmethod
     def from_config(cls, config: Config) -> Stores:
-        return cls(config, JobStore.from_url(config.redis_url or DEFAULT_URL), ArtifactStore(config.home / "artifacts"))
+        return cls(config, JobStore.from_url(config.redis_url or DEFAULT_URL, config.redis_prefix),
+                   ArtifactStore(config.home / "artifacts"))

@@ -73,8 +73,9 @@ def run_demo(config: Config, plan: DemoPlan = DemoPlan(), keep_running: bool = T
             stack.down()
     if keep_running:
         print("\nThe stack is still running with stdlib-gpt and stdlib-topic served on "
-              f"127.0.0.1:{config.port('inference')}. Try:\n"
-              "  fastserve generate 'Return the' --model stdlib-gpt\n"
+              f"127.0.0.1:{config.port('inference')}. Try (after `source .venv/bin/activate`, or as "
+              "`.venv/bin/fastserve`):\n"
+              "  fastserve generate 'Return the' --model stdlib-gpt --temperature 0.8 --top-k 40\n"
               "  fastserve classify 'Open the file and read its lines.' --model stdlib-topic\n"
               "Stop it with: make down")
     return figures

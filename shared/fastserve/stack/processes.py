@@ -17,13 +17,13 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import psutil
-from celery import Celery
 
 from fastserve.client.channels import health_status
+from fastserve.runtime.celery_app import client_app
 from fastserve.runtime.channels import open_channel
 from fastserve.runtime.config import JOB_SERVICES, SERVICES, Config
 from fastserve.runtime.errors import FailedPrecondition, Unavailable
@@ -130,11 +130,9 @@ class Stack:
         if c.name in SERVICES:
             return self.health(c) == "SERVING"
         if c.name == "worker":
-            app = Celery(broker=redis_url, backend=redis_url)
-            try:
-                return any(c.node in reply for reply in app.control.ping(destination=[c.node], timeout=1.0) or [])
-            finally:
-                app.close()
+            # In the stack's namespace: a worker answers control messages of its own namespace only.
+            app = client_app(replace(self.config, redis_url=redis_url))
+            return any(c.node in reply for reply in app.control.ping(destination=[c.node], timeout=1.0) or [])
         return c.process() is not None
 
     def health(self, c: Component) -> str:

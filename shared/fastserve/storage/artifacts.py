@@ -10,6 +10,7 @@ inside the root: `..`, absolute paths and symlinks that lead out are refused.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import json
 import os
@@ -121,25 +122,30 @@ class ArtifactStore:
         return safe_join(self.root, f"{kind}/{name}")
 
     def versions(self, kind: str, name: str) -> list[int]:
-        folder = self._dir(kind, name)
-        if not folder.is_dir():
-            return []
-        return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / MANIFEST).is_file())
+        return _published(self._dir(kind, name))
 
     def resolve(self, uri: str, field_name: str = "uri") -> Artifact:
-        """The published artifact `uri` names (`latest`: the highest version); NotFound otherwise."""
+        """The published artifact `uri` names (`latest`: the highest version). NotFound otherwise, naming
+        `field_name` and, for a name nothing is published under, a close one of the same kind if any."""
         ref = parse_uri(uri, field_name)
-        version = ref.version
-        if version is None:
-            known = self.versions(ref.kind, ref.name)
-            if not known:
-                raise NotFound(f"no artifact {ref.kind}/{ref.name}")
-            version = known[-1]
+        known = _published(safe_join(self.root, f"{ref.kind}/{ref.name}", field_name))
+        if not known:
+            raise NotFound(f"no artifact {ref.kind}/{ref.name}{self._close_name(ref)}", field=field_name)
+        version = ref.version or known[-1]
+        if version not in known:
+            shown = ", ".join(map(str, known[-5:]))
+            raise NotFound(f"no artifact {ref.kind}/{ref.name}/{version}; its published versions: "
+                           f"{'..., ' if len(known) > 5 else ''}{shown}", field=field_name)
         path = safe_join(self.root, f"{ref.kind}/{ref.name}/{version}", field_name)
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise NotFound(f"no artifact {ref.kind}/{ref.name}/{version}")
-        return Artifact(ArtifactRef(ref.kind, ref.name, version), path, json.loads(manifest_path.read_text()))
+        return Artifact(ArtifactRef(ref.kind, ref.name, version), path, json.loads((path / MANIFEST).read_text()))
+
+    def _close_name(self, ref: ArtifactRef) -> str:
+        """`; did you mean '<uri>'?` for the published name of `ref`'s kind closest to its name, or ''."""
+        folder = self.root / ref.kind
+        names = [p.name for p in folder.iterdir() if _NAME.match(p.name) and not p.is_symlink() and _published(p)] \
+            if folder.is_dir() else []
+        close = difflib.get_close_matches(ref.name, names, n=1)
+        return f"; did you mean '{SCHEME}{ref.kind}/{close[0]}/latest'?" if close else ""
 
     def file(self, uri: str, relative: str, field_name: str = "path") -> Path:
         """A file inside a published artifact, confined to it."""
@@ -204,6 +210,13 @@ class ArtifactStore:
                 if version is not None:
                     raise AlreadyExists(f"artifact {kind}/{name}/{version} already exists") from None
                 candidate += 1
+
+
+def _published(folder: Path) -> list[int]:
+    """The versions published under a name's folder, oldest first."""
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / MANIFEST).is_file())
 
 
 def _write_manifest(staging: Path, kind: str, name: str, metadata: dict[str, Any]) -> dict[str, Any]:

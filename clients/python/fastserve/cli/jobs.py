@@ -10,10 +10,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-from rich.table import Column, Table
 from rich.text import Text
 
-from fastserve.cli.common import command, console, error_line, print_json, state, to_dict
+from fastserve.cli.common import command, console, error_line, print_json, print_table, state, table, to_dict, whole
 from fastserve.client import JobClient, state_name
 from fastserve.client.protos import struct_to_dict
 from fastserve.common.v1 import jobs_pb2
@@ -79,19 +78,8 @@ def show_job(job: jobs_pb2.Job) -> None:
         error_line(f"{line}: {job.error}")
         return
     console.print(line, markup=False)
-    for key, value in _whole(struct_to_dict(job.result)).items():
+    for key, value in whole(struct_to_dict(job.result)).items():
         console.print(f"  {key}: {json.dumps(value) if isinstance(value, dict | list) else value}", markup=False)
-
-
-def _whole(value: Any) -> Any:
-    """Counts as integers again: a Struct holds every number as a double (497.0 documents)."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _whole(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_whole(v) for v in value]
-    return value
 
 
 def submitted(ctx: typer.Context, client: JobClient, job: jobs_pb2.Job, follow: bool) -> int:
@@ -105,12 +93,15 @@ def submitted(ctx: typer.Context, client: JobClient, job: jobs_pb2.Job, follow: 
     return 0
 
 
+JOB_FLAGS = {"job_id": "job_id", "filter.states": "--state", "page.page_size": "--limit", "reason": "--reason"}
+
+
 def add_job_commands(app: typer.Typer, client: Callable[[typer.Context], JobClient]) -> None:
-    @command(app, "watch", help="Follow a job to its end (exit 0 when it succeeded).")
+    @command(app, "watch", help="Follow a job to its end (exit 0 when it succeeded).", flags=JOB_FLAGS)
     def watch_command(ctx: typer.Context, job_id: str) -> int:
         return watch(ctx, client(ctx), job_id)
 
-    @command(app, "list", help="List jobs, newest first.")
+    @command(app, "list", help="List jobs, newest first.", flags=JOB_FLAGS)
     def list_command(ctx: typer.Context,
                      state_filter: Annotated[list[str] | None, typer.Option(
                          "--state", help="Only jobs in this state (queued, running, succeeded, ...); repeatable.")]
@@ -120,22 +111,21 @@ def add_job_commands(app: typer.Typer, client: Callable[[typer.Context], JobClie
         if state(ctx).json:
             print_json({"jobs": [to_dict(j) for j in reply.jobs], "total_size": reply.page.total_size})
             return 0
-        table = Table("type", "state", "progress", "message", "created")
-        # The id whole, however narrow the terminal: it is what the other commands take.
-        table.columns.insert(0, Column("job", no_wrap=True, min_width=len(reply.jobs[0].job_id) if reply.jobs else 3))
+        jobs = table("job", "type", "state", "progress", "message", "created", long=("message",))
         for job in reply.jobs:
-            table.add_row(job.job_id, job.job_type.split(".", 1)[-1], state_name(job.state), f"{job.progress:.0%}",
-                          Text(job.message), job.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"))
-        console.print(table)
+            jobs.add_row(job.job_id, job.job_type.split(".", 1)[-1], state_name(job.state), f"{job.progress:.0%}",
+                         Text(job.message), job.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"))
+        print_table(ctx, jobs)
         return 0
 
-    @command(app, "get", help="Show one job.")
+    @command(app, "get", help="Show one job.", flags=JOB_FLAGS)
     def get_command(ctx: typer.Context, job_id: str) -> int:
         job = client(ctx).get_job(job_id)
         print_json(to_dict(job)) if state(ctx).json else show_job(job)
         return 0
 
-    @command(app, "cancel", help="Ask a job to stop (queued: at once; running: at its next safe point).")
+    @command(app, "cancel", help="Ask a job to stop (queued: at once; running: at its next safe point).",
+             flags=JOB_FLAGS)
     def cancel_command(ctx: typer.Context, job_id: str,
                        reason: Annotated[str, typer.Option(help="Recorded in the job's log.")] = "") -> int:
         job = client(ctx).cancel_job(job_id, reason)

@@ -21,7 +21,8 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 @dataclass(frozen=True)
 class RetryPolicy:
     """Retries of idempotent calls: `attempts` tries in all, waiting `initial_backoff` seconds after the
-    first failure, `multiplier` times longer after each next one, at most `max_backoff`."""
+    first failure, `multiplier` times longer after each next one, at most `max_backoff`; a call that
+    reached no server only within `unreachable_for` seconds."""
 
     attempts: int = 5
     initial_backoff: float = 0.2
@@ -30,6 +31,11 @@ class RetryPolicy:
     # Each wait is shortened by a random fraction up to this, so that clients that failed together
     # (a server restart) do not all come back in the same instant.
     jitter: float = 0.2
+    # A call that reached no server (nothing listens: a stopped stack) is retried only while the next
+    # try would start within this many seconds of the first: by default not at all, so that a user who
+    # has not started the stack hears so at once rather than after seconds of backoff. A script that
+    # must ride out a server restart gives it a window.
+    unreachable_for: float = 0.0
 
     def backoff(self, retry: int) -> float:
         """The wait after failed try number `retry + 1`."""
@@ -50,15 +56,18 @@ class Caller:
 
     def unary(self, rpc: Callable[..., Any], request: Any, timeout: float | None, idempotent: bool) -> Any:
         """One reply; an idempotent call that gets UNAVAILABLE is tried again (each try with the whole
-        deadline), any other call is tried once."""
-        attempts, attempt = (self.retry.attempts if idempotent else 1), 1
+        deadline; one that reached no server only within the policy's `unreachable_for`), any other
+        call is tried once."""
+        attempts, attempt, start = (self.retry.attempts if idempotent else 1), 1, time.monotonic()
         while True:
             try:
                 return rpc(request, timeout=timeout)
             except grpc.RpcError as error:
-                if attempt >= attempts or error.code() not in RETRYABLE:
-                    raise ClientError.from_rpc_error(error, attempt) from error
-            time.sleep(self.retry.backoff(attempt - 1))
+                failure, wait = ClientError.from_rpc_error(error, attempt), self.retry.backoff(attempt - 1)
+                late = failure.unreachable and time.monotonic() + wait - start > self.retry.unreachable_for
+                if attempt >= attempts or failure.code not in RETRYABLE or late:
+                    raise failure from error
+            time.sleep(wait)
             attempt += 1
 
     def stream(self, rpc: Callable[..., Any], request: Any, timeout: float | None) -> Iterator[Any]:

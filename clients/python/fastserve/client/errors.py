@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import grpc
@@ -9,6 +10,18 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from fastserve.common.v1 import errors_pb2
+
+# How gRPC core words a call that reached no server: `failed to connect to all addresses; last error:
+# UNKNOWN: ipv4:127.0.0.1:50054: Failed to connect to remote host: Connection refused`.
+_UNREACHABLE = re.compile(r"failed to connect to all addresses|Failed to connect to remote host")
+_REFUSED = "Connection refused"
+_ADDRESS = re.compile(r"\bipv[46]:(\[[^\]]*\]|[^\s:]+):(\d+)")
+
+
+def reached_no_server(code: grpc.StatusCode, message: str) -> bool:
+    """Whether an UNAVAILABLE means that the call reached no server (nothing listens at the port, or
+    the connection failed before any call), as opposed to a server that could not take the call."""
+    return code == grpc.StatusCode.UNAVAILABLE and _UNREACHABLE.search(message) is not None
 
 
 @dataclass(frozen=True)
@@ -34,6 +47,22 @@ class ClientError(Exception):
     @property
     def fields(self) -> list[str]:
         return [v.field for v in self.violations]
+
+    @property
+    def unreachable(self) -> bool:
+        """The call reached no server (see `reached_no_server`)."""
+        return reached_no_server(self.code, self.message)
+
+    @property
+    def refused(self) -> bool:
+        """The connection was refused: nothing listens at the address (a stopped server)."""
+        return self.unreachable and _REFUSED in self.message
+
+    @property
+    def address(self) -> str:
+        """`127.0.0.1:50054`: the address of an unreachable call, as gRPC names it ('' if it names none)."""
+        found = _ADDRESS.search(self.message) if self.unreachable else None
+        return f"{found.group(1)}:{found.group(2)}" if found else ""
 
     def line(self) -> str:
         """`INVALID_ARGUMENT: the batch is empty (field texts)`: one line for a user."""

@@ -49,7 +49,7 @@ class JobClient(ServiceClient):
         """The job's events, history first, until the one reporting a terminal state. A stream broken
         by UNAVAILABLE is resumed after the last event received (with the retry policy's backoff), so
         no event is missed or repeated."""
-        policy, failures = self._caller.retry, 0
+        policy, failures, start = self._caller.retry, 0, time.monotonic()
         while True:
             try:
                 request = self.pb.WatchJobRequest(job_id=job_id, after_event_id=after_event_id)
@@ -61,7 +61,11 @@ class JobClient(ServiceClient):
                 return
             except ClientError as error:
                 failures += 1
-                if error.code not in RETRYABLE or failures >= policy.attempts:
+                # A watch that never reached the server (the stack is down) fails at once, as other calls
+                # do; one broken after events arrived rides through a restart.
+                never_reached = error.unreachable and not after_event_id and \
+                    time.monotonic() - start + policy.backoff(failures - 1) > policy.unreachable_for
+                if error.code not in RETRYABLE or failures >= policy.attempts or never_reached:
                     error.attempts = failures
                     raise
             time.sleep(policy.backoff(failures - 1))

@@ -19,6 +19,9 @@ from fastserve.preprocessing.v1 import preprocessing_pb2_grpc
 Source = str | pb.CorpusSource
 Steps = Sequence[str | pb.CleanStep]
 CHUNK = 1024 * 1024
+# The server's validation fraction when a request sets no splits (BuildDatasetRequest.splits), kept when
+# a request sets only the test fraction or the seed: Splits has no unset state for one fraction.
+DEFAULT_VALIDATION_FRACTION = 0.05
 
 
 def _steps(steps: Steps) -> list[pb.CleanStep]:
@@ -72,14 +75,15 @@ class PreprocessingClient(JobClient):
                       max_length: int = 0, validation_fraction: float | None = None, test_fraction: float = 0.0,
                       seed: int = 0, text_field: str = "", label_field: str = "", target_field: str = "",
                       max_target_length: int = 0, timeout: float | None = None) -> jobs_pb2.Job:
-        """Queue a dataset build; without `validation_fraction` the server's default splits apply."""
+        """Queue a dataset build; without `validation_fraction`, `test_fraction` and `seed` the server's
+        default splits apply, and without `validation_fraction` alone its validation fraction."""
         request = pb.BuildDatasetRequest(
             source=corpus_source(source), tokenizer_uri=tokenizer_uri, task=enum_value(pb.DatasetTask, task, "task"),
             max_length=max_length, text_field=text_field, label_field=label_field, target_field=target_field,
             output_name=output_name, max_target_length=max_target_length)
-        if validation_fraction is not None or test_fraction:
-            request.splits.CopyFrom(pb.Splits(validation_fraction=validation_fraction or 0.0,
-                                              test_fraction=test_fraction, seed=seed))
+        if validation_fraction is not None or test_fraction or seed:
+            validation = DEFAULT_VALIDATION_FRACTION if validation_fraction is None else validation_fraction
+            request.splits.CopyFrom(pb.Splits(validation_fraction=validation, test_fraction=test_fraction, seed=seed))
         return self._unary("BuildDataset", request, timeout, SUBMIT, False).job
 
 

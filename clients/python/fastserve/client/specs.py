@@ -1,6 +1,8 @@
 """Request parts from short strings, so that scripts and the CLI need not spell out protobuf messages:
 enum words (`bpe`, `causal_lm`), corpus sources, cleaning and optimization steps, and `key=value`
-options of any flat message. A bad string raises the same `ClientError` a server would."""
+options of any flat message. A bad string raises the same `ClientError` a server would: its violation
+names the request's field path, its message only the field's own name, so that a caller that names the
+field its own way (the CLI: a flag) can."""
 
 from __future__ import annotations
 
@@ -25,6 +27,11 @@ def invalid(field: str, message: str) -> ClientError:
     return ClientError(grpc.StatusCode.INVALID_ARGUMENT, message, [FieldViolation(field, message)])
 
 
+def leaf(field: str) -> str:
+    """`steps[0].prune.method` -> `method`: a field path's last name."""
+    return field.rsplit(".", 1)[-1].split("[", 1)[0]
+
+
 def enum_choices(enum: Any) -> list[str]:
     """The words an enum accepts: `TOKENIZER_MODEL_BPE` -> `bpe`, without UNSPECIFIED."""
     descriptor = _descriptor(enum)
@@ -40,7 +47,7 @@ def enum_value(enum: Any, value: str | int, field: str) -> int:
     name = value.strip().upper().replace("-", "_")
     found = descriptor.values_by_name.get(name) or descriptor.values_by_name.get(_prefix(descriptor) + name)
     if found is None or found.name.endswith("_UNSPECIFIED"):
-        raise invalid(field, f"{field} must be one of {', '.join(enum_choices(descriptor))}, got {value!r}")
+        raise invalid(field, f"{leaf(field)} must be one of {', '.join(enum_choices(descriptor))}, got {value!r}")
     return found.number
 
 
@@ -93,7 +100,7 @@ def _scalar(descriptor: FieldDescriptor, raw: Any, where: str) -> Any:
             return float(raw)
         return str(raw)
     except ValueError:
-        raise invalid(where, f"{where} does not take {raw!r}") from None
+        raise invalid(where, f"{descriptor.name} does not take {raw!r}") from None
 
 
 def corpus_source(spec: str | pre_pb.CorpusSource, seed: int = 0, max_documents: int = 0,

@@ -18,7 +18,7 @@ from typing import Any
 from fastserve.runtime.config import Config
 from fastserve.runtime.errors import Cancelled, DeadlineExceeded, InvalidArgument, Unavailable
 from fastserve.services.inference.generator import Chunk, GenerationRequest
-from fastserve.services.inference.repository import LoadedModel, ModelRepository, ModelSettings
+from fastserve.services.inference.repository import LoadedModel, ModelRepository
 from fastserve.services.inference.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class Inference:
         for entry in filter(None, (e.strip() for e in config.inference_models.split(","))):
             name, _, uri = entry.partition("=")
             try:
-                self.repository.load(name.strip(), uri.strip(), settings=ModelSettings())
+                self.repository.load(name.strip(), uri.strip())  # backend and task: the folder's
             except Exception:  # noqa: BLE001 - one bad model must not keep the others from serving
                 log.exception("could not load configured model %s", entry)
 

@@ -6,7 +6,8 @@ classifier returns `label` (BYTES, [N]) and `scores` (FP32, [N, labels]). A gene
 repetition_penalty, seed, stop: one string or a JSON list) and returns `text_output` (BYTES, [N]);
 ModelStreamInfer streams its chunks, as Triton's decoupled models do. Inputs come as raw contents
 (each BYTES element a 4-byte little-endian length and its bytes) or typed contents; outputs always
-go in `raw_output_contents`.
+go in `raw_output_contents`. RepositoryModelLoad takes parameters `uri`, `backend` and `task`; without
+them it loads as LoadModel without a config does (the served settings; backend and task the folder's).
 """
 
 from __future__ import annotations
@@ -14,19 +15,19 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 
-from fastserve.inference.v1 import inference_pb2 as pb
 from fastserve.kserve.v2 import grpc_service_pb2 as kpb
 from fastserve.kserve.v2 import grpc_service_pb2_grpc
 from fastserve.models.refs import BUILTIN_MODELS
 from fastserve.runtime.errors import FastServeError, InvalidArgument
 from fastserve.services.inference.core import Inference
 from fastserve.services.inference.generator import GenerationRequest
-from fastserve.services.inference.repository import LoadedModel
+from fastserve.services.inference.repository import LoadedModel, ModelSettings
 from fastserve.services.inference.sampling_params import SamplingParams
-from fastserve.services.inference.servicer import deadline_of, settings_from_proto
+from fastserve.services.inference.servicer import BACKENDS, TASK_ENUMS, deadline_of
 
 SERVER_NAME = "fastserve"
 SERVER_VERSION = "0.1.0"
@@ -227,17 +228,26 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def RepositoryModelLoad(self, request, context):
         uri = str(_param(request.parameters, "uri", ""))
-        self.repository.load(request.model_name, uri, settings=settings_from_proto(_config(request.parameters)))
+        self.repository.load(request.model_name, uri, settings=self._settings(request.model_name, request.parameters))
         return kpb.RepositoryModelLoadResponse()
+
+    def _settings(self, name: str, parameters) -> ModelSettings | None:
+        """What repository parameters `backend` and `task` ask for, over the settings the name is served with;
+        None when they ask for nothing (a backend or task left unset is the folder's, as in LoadModel)."""
+        backend = str(_param(parameters, "backend", "")).lower()
+        task = str(_param(parameters, "task", "")).lower()
+        if backend not in BACKENDS.values():
+            raise InvalidArgument(f"backend must be pytorch or onnxruntime, not {backend!r}",
+                                  field="parameters.backend")
+        if task and task not in TASK_ENUMS:
+            raise InvalidArgument(f"task must be one of {', '.join(TASK_ENUMS)}, not {task!r}",
+                                  field="parameters.task")
+        if not backend and not task:
+            return None
+        served = self.repository.served_settings(name)
+        return replace(served, backend=backend or served.backend, task=task or served.task)
 
     def RepositoryModelUnload(self, request, context):
         self.repository.unload(request.model_name)
         return kpb.RepositoryModelUnloadResponse()
 
-
-def _config(parameters):
-    """The FastServe model config that repository parameters `backend` and `task` ask for."""
-    backend = str(_param(parameters, "backend", "pytorch")).upper()
-    task = str(_param(parameters, "task", "")).upper()
-    return pb.ModelConfig(backend=pb.BACKEND_ONNXRUNTIME if backend == "ONNXRUNTIME" else pb.BACKEND_PYTORCH,
-                          task=pb.ModelTask.Value(f"MODEL_TASK_{task}") if task else pb.MODEL_TASK_UNSPECIFIED)

@@ -3,25 +3,32 @@
 A version is READY only once loaded and warmed. Requests without a version go to the newest READY
 one. Loading a new version of a served model swaps without losing a request: the new version loads
 and warms while the old one serves, then takes the traffic, then the old one drains (finishes what
-it queued) and unloads.
+it queued) and unloads. A load without settings keeps those the name is served with; a backend or
+task nobody asked for is read from the folder (an ONNX-only folder runs on ONNX Runtime).
+
+A version that failed to load stays listed, FAILED with its error, until it is loaded again or
+unloaded; requests to it get FAILED_PRECONDITION at once (retrying cannot help), while LOADING and
+UNLOADING, which pass by themselves, are UNAVAILABLE.
 """
 
 from __future__ import annotations
 
+import difflib
 import enum
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import Counter, Histogram
 
-from fastserve.models.encoders import EncoderBackend, open_backend
+from fastserve.models.encoders import EncoderBackend, OnnxBackend, TorchBackend, default_backend, open_backend
 from fastserve.models.kinds import default_task
+from fastserve.models.loading import ONNX, ONNX_FILE, error_gist, folder_errors, weights_format
 from fastserve.models.refs import BUILTIN, BUILTIN_MODELS, resolve_dir
-from fastserve.runtime.errors import InvalidArgument, NotFound, Unavailable
+from fastserve.runtime.errors import FailedPrecondition, FastServeError, InvalidArgument, NotFound, Unavailable
 from fastserve.services.inference.batcher import BatchingSettings, DynamicBatcher, Work
 from fastserve.services.inference.compute import on_compute_thread
 from fastserve.services.inference.generation_settings import GenerationSettings
@@ -51,8 +58,8 @@ class State(enum.StrEnum):
 
 @dataclass(frozen=True)
 class ModelSettings:
-    backend: str = "pytorch"  # or onnxruntime
-    task: str = ""  # empty: inferred from the model
+    backend: str = ""  # pytorch or onnxruntime; empty: the folder's (encoders.default_backend)
+    task: str = ""  # empty: the folder's (kinds.default_task)
     dtype: str = ""
     batching: BatchingSettings = field(default_factory=BatchingSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
@@ -74,7 +81,8 @@ class LoadedModel:
     name: str
     version: str
     uri: str
-    settings: ModelSettings
+    settings: ModelSettings  # what it runs with: `requested`, with the backend and task it left unset filled in
+    requested: ModelSettings  # what the load asked for; a reload without settings asks for these again
     state: State = State.LOADING
     error: str = ""
     backend: EncoderBackend | Generator | None = None
@@ -130,47 +138,100 @@ class ModelRepository:
 
     def resolve_uri(self, name: str, uri: str) -> tuple[Path, str, str]:
         """The folder to load, the URI it came from and the version it is."""
-        if not uri:
-            uri = f"{BUILTIN}{name}" if name in BUILTIN_MODELS else f"artifact://models/{name}/latest"
-        folder = resolve_dir(self.artifacts, uri, "model_uri", ("models",))
+        field = "model_uri"
+        if not uri:  # the name alone says what to load
+            field, uri = "name", f"{BUILTIN}{name}" if name in BUILTIN_MODELS else f"artifact://models/{name}/latest"
+        folder = resolve_dir(self.artifacts, uri, field, ("models",))
         if uri.startswith(BUILTIN):
             return folder, uri, "1"
-        artifact = self.artifacts.resolve(uri, "model_uri")
+        artifact = self.artifacts.resolve(uri, field)
         return folder, artifact.ref.uri, str(artifact.ref.version)
 
+    def served_settings(self, name: str) -> ModelSettings:
+        """What a load of `name` without settings asks for: what its newest READY version was loaded with;
+        the defaults for a name not served (nor for one whose only versions failed: their settings may be
+        why)."""
+        with self.lock:
+            ready = [m for m in self.models.get(name, {}).values() if m.state is State.READY]
+        newest = max(ready, key=lambda m: _version_key(m.version), default=None)
+        return newest.requested if newest else ModelSettings()
+
     def load(self, name: str, uri: str = "", version: str = "", settings: ModelSettings | None = None) -> LoadedModel:
-        """Load, warm and start serving a model version; older versions of the name then drain."""
+        """Load, warm and start serving a model version; older versions of the name then drain.
+
+        `settings` None (the request had no config): `served_settings`, so a reload keeps its scheduling,
+        batching, dtype, backend and task. A READY version loaded again with other settings loads anew
+        beside the one serving, which drains once the new one has taken over."""
         if not name:
             raise InvalidArgument("name is required", field="name")
-        settings = settings or ModelSettings()
         folder, uri, found_version = self.resolve_uri(name, uri)
         version = version or found_version
-        entry = LoadedModel(name, version, uri, settings)
+        requested = self.served_settings(name) if settings is None else settings
+        entry = LoadedModel(name, version, uri, requested, requested)
         with self.lock:
-            versions = self.models.setdefault(name, {})
-            current = versions.get(version)
+            current = self.models.get(name, {}).get(version)
             if current is not None and current.state in (State.LOADING, State.READY):
-                return current
-            versions[version] = entry
+                if current.requested == requested:
+                    return current
+                if current.state is State.LOADING:
+                    raise Unavailable(f"model {name} version {version} is loading with other settings; load it "
+                                      "again once it is READY")
+            beside = current is not None and current.state is State.READY
+            if not beside:  # a FAILED or UNLOADING entry gives way to this load
+                self.models.setdefault(name, {})[version] = entry
+        label = f"model {name} version {version} ({uri})"
         try:
-            task = settings.task or default_task(folder)
-            if task == "generation":
-                entry.backend = _open_generator(f"{name}/{version}", folder, settings)
+            entry.settings = _effective(folder, requested, label)
+            if entry.settings.task == "generation":
+                entry.backend = _open_generator(f"{name}/{version}", folder, entry.settings)
             else:
-                entry.backend = on_compute_thread(open_backend, folder, settings.backend, task, settings.dtype)
-                entry.batcher = DynamicBatcher(f"{name}/{version}", _runner(entry.backend), settings.batching,
-                                               entry.observe)
+                entry.backend = on_compute_thread(open_backend, folder, entry.settings.backend, entry.settings.task,
+                                                  entry.settings.dtype)
+                entry.batcher = DynamicBatcher(f"{name}/{version}", _runner(entry.backend),
+                                               entry.settings.batching, entry.observe)
                 encoded = entry.backend.encoder.encode(["warm up the model"], truncate=True)
                 entry.batcher.submit(encoded.ids, 1, encoded.longest).result(timeout=120)
-        except Exception as exc:
-            entry.state, entry.error = State.FAILED, str(getattr(exc, "message", exc))
-            _stop(entry)
-            log.warning("loading %s/%s failed: %s", name, version, entry.error)
+        except FastServeError as exc:
+            self._failed(entry, exc.message)
             raise
-        entry.state = State.READY
+        except folder_errors() as exc:
+            # The folder, not the request, is at fault (a truncated file, weights that do not fit); the
+            # traceback stays in the log in case it is a bug after all.
+            error = FailedPrecondition(f"{label} cannot load: {type(exc).__name__}: {error_gist(exc)}")
+            self._failed(entry, error.message, exc)
+            raise error from None
+        except Exception as exc:
+            self._failed(entry, f"internal error: {type(exc).__name__}")  # INTERNAL; the interceptor logs it
+            raise
+        self._take_over(entry)
         log.info("model %s version %s READY (%s, %s, %s)", name, version, entry.backend.platform, entry.task, uri)
         self._retire_older(name, version)
         return entry
+
+    def _failed(self, entry: LoadedModel, error: str, cause: BaseException | None = None) -> None:
+        entry.state, entry.error = State.FAILED, error
+        _stop(entry)
+        log.warning("loading %s/%s failed: %s", entry.name, entry.version, error, exc_info=cause)
+
+    def _take_over(self, entry: LoadedModel) -> None:
+        """Make a warmed entry the one its version serves; one it replaces (same version, other settings) drains."""
+        with self.lock:
+            if entry.state is not State.LOADING:  # unloaded while it loaded
+                replaced, unloaded = None, True
+            else:
+                versions = self.models.setdefault(entry.name, {})
+                replaced, unloaded = versions.get(entry.version), False
+                versions[entry.version] = entry
+                entry.state = State.READY
+                if replaced is entry:
+                    replaced = None
+                elif replaced is not None:
+                    replaced.state = State.UNLOADING
+        if unloaded:
+            _stop(entry)
+            raise FailedPrecondition(f"model {entry.name} version {entry.version} was unloaded while it loaded")
+        if replaced is not None:
+            self._drain(replaced)
 
     def _retire_older(self, name: str, version: str) -> None:
         with self.lock:
@@ -193,8 +254,10 @@ class ModelRepository:
     def unload(self, name: str, version: str = "") -> list[str]:
         with self.lock:
             versions = self.models.get(name)
-            if not versions or (version and version not in versions):
-                raise NotFound(f"model {name}{'/' + version if version else ''} is not loaded")
+            if not versions:
+                raise NotFound(f"model {name!r} is not loaded{self._close_name(name)}")
+            if version and version not in versions:
+                raise NotFound(f"model {name!r} has no version {version!r}; loaded: {_listed(versions)}")
             doomed = [versions[version]] if version else list(versions.values())
             for model in doomed:
                 model.state = State.UNLOADING
@@ -203,30 +266,60 @@ class ModelRepository:
         return [m.version for m in doomed]
 
     def get(self, name: str, version: str = "") -> LoadedModel:
-        """The READY model to serve a request; NOT_FOUND if unknown, UNAVAILABLE if not ready."""
+        """The READY model to serve a request: NOT_FOUND if unknown (with the closest served name),
+        FAILED_PRECONDITION if it failed to load, UNAVAILABLE while it loads or unloads."""
         with self.lock:
             versions = self.models.get(name)
             if not versions:
-                raise NotFound(f"model {name!r} is not loaded")
+                raise NotFound(f"model {name!r} is not loaded{self._close_name(name)}")
             if version:
                 model = versions.get(version)
                 if model is None:
-                    raise NotFound(f"model {name!r} has no version {version!r}")
-            else:
-                ready = [m for m in versions.values() if m.state is State.READY]
-                model = max(ready, key=lambda m: _version_key(m.version)) if ready else next(iter(versions.values()))
-            if model.state is not State.READY:
-                raise Unavailable(f"model {name} version {model.version} is {model.state.value.lower()}")
-            return model
+                    raise NotFound(f"model {name!r} has no version {version!r}; loaded: {_listed(versions)}")
+            else:  # the newest READY one; else the one whose state tells the caller most
+                model = max(versions.values(), key=lambda m: (_PREFERENCE[m.state], _version_key(m.version)))
+        if model.state is State.FAILED:
+            raise FailedPrecondition(f"model {name} version {model.version} failed to load: {model.error}; load it "
+                                     "again or unload it")
+        if model.state is not State.READY:
+            raise Unavailable(f"model {name} version {model.version} is {model.state.value.lower()}")
+        return model
+
+    def _close_name(self, name: str) -> str:
+        """`; did you mean '<name>'?` for the served name closest to a mistyped one, or ''."""
+        close = difflib.get_close_matches(name, list(self.models), n=1)
+        return f"; did you mean {close[0]!r}?" if close else ""
 
     def all(self) -> list[LoadedModel]:
         with self.lock:
             return sorted((m for versions in self.models.values() for m in versions.values()),
                           key=lambda m: (m.name, _version_key(m.version)))
 
+
+def _effective(folder: Path, requested: ModelSettings, label: str) -> ModelSettings:
+    """`requested` with its unset backend and task read from the folder, refused where the folder cannot
+    run on the backend: the request may be sound and the artifact unusable for it (FailedPrecondition)."""
+    task = requested.task or default_task(folder)
+    onnx_only = weights_format(folder) == ONNX
+    if task == "generation":
+        if requested.backend == OnnxBackend.platform:  # never possible, whatever the folder
+            raise InvalidArgument("generation runs on the PyTorch backend", field="config.backend")
+        if onnx_only:
+            raise FailedPrecondition(f"{label} holds only an ONNX graph; generation runs on PyTorch weights: serve "
+                                     "the model it was exported from")
+        return replace(requested, backend=TorchBackend.platform, task=task)
+    backend = requested.backend or default_backend(folder)
+    if backend == TorchBackend.platform and onnx_only:
+        raise FailedPrecondition(f"config.backend asks for PyTorch, but {label} holds only an ONNX graph "
+                                 f"({ONNX_FILE}, no PyTorch weights): leave config.backend unset or ask for ONNX "
+                                 "Runtime", field="config.backend")
+    if backend == OnnxBackend.platform and not (folder / ONNX_FILE).is_file():
+        raise FailedPrecondition(f"config.backend asks for ONNX Runtime, but {label} has no {ONNX_FILE}: leave "
+                                 "config.backend unset or export the model to ONNX first", field="config.backend")
+    return replace(requested, backend=backend, task=task)
+
+
 def _open_generator(name: str, folder: Path, settings: ModelSettings) -> Generator:
-    if settings.backend != "pytorch":
-        raise InvalidArgument("generation runs on the PyTorch backend", field="config.backend")
     generator = on_compute_thread(Generator, name, folder, settings.dtype, settings.generation)
     warm = generator.submit(GenerationRequest(token_ids=[0], params=SamplingParams(max_new_tokens=2),
                                               max_new_tokens_set=True))
@@ -257,3 +350,11 @@ def _runner(backend: EncoderBackend):
 def _version_key(version: str) -> tuple[int, str]:
     return (int(version), "") if version.isdigit() else (-1, version)
 
+
+# Which version a request without one is told about when none is READY: a loading one (it will be
+# READY soon), then a failed one (the caller must act), then one on its way out.
+_PREFERENCE = {State.READY: 3, State.LOADING: 2, State.FAILED: 1, State.UNLOADING: 0}
+
+
+def _listed(versions: dict[str, LoadedModel]) -> str:
+    return ", ".join(sorted(versions, key=_version_key))

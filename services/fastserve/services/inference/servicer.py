@@ -9,6 +9,7 @@ import grpc
 
 from fastserve.inference.v1 import inference_pb2 as pb
 from fastserve.inference.v1 import inference_pb2_grpc
+from fastserve.runtime.errors import InvalidArgument
 from fastserve.runtime.stores import Stores
 from fastserve.services.inference.batcher import BatchingSettings
 from fastserve.services.inference.core import Inference
@@ -19,7 +20,9 @@ from fastserve.services.inference.sampling_params import SamplingParams
 from fastserve.services.inference.scheduling import MlfqSettings
 
 SERVICE = "inference"
-BACKENDS = {pb.BACKEND_UNSPECIFIED: "pytorch", pb.BACKEND_PYTORCH: "pytorch", pb.BACKEND_ONNXRUNTIME: "onnxruntime"}
+# BACKEND_UNSPECIFIED: the folder decides (an ONNX-only folder runs on ONNX Runtime, any other on PyTorch).
+BACKENDS = {pb.BACKEND_UNSPECIFIED: "", pb.BACKEND_PYTORCH: "pytorch", pb.BACKEND_ONNXRUNTIME: "onnxruntime"}
+BACKEND_ENUMS = {v: k for k, v in BACKENDS.items()}
 TASKS = {pb.MODEL_TASK_UNSPECIFIED: "", pb.MODEL_TASK_EMBEDDING: "embedding",
          pb.MODEL_TASK_SEQUENCE_CLASSIFICATION: "sequence_classification", pb.MODEL_TASK_RAW: "raw",
          pb.MODEL_TASK_GENERATION: "generation"}
@@ -32,6 +35,14 @@ def deadline_of(context: grpc.ServicerContext) -> float | None:
     return None if remaining is None or remaining > 86400 * 365 else time.monotonic() + remaining
 
 
+def requested_settings(request: pb.LoadModelRequest) -> ModelSettings | None:
+    """The settings a load asks for; None when it has no config (or an empty one, as a client that always
+    sends the message does): the repository then keeps those the name is served with."""
+    if not request.HasField("config") or request.config.ByteSize() == 0:
+        return None
+    return settings_from_proto(request.config)
+
+
 def settings_from_proto(config: pb.ModelConfig) -> ModelSettings:
     batching = BatchingSettings(instances=config.instances or 1)
     if config.HasField("batching"):
@@ -39,6 +50,11 @@ def settings_from_proto(config: pb.ModelConfig) -> ModelSettings:
         batching = BatchingSettings(enabled=b.enabled, max_batch_size=b.max_batch_size or 32,
                                     max_queue_delay_us=b.max_queue_delay_us, max_queue_size=b.max_queue_size or 1024,
                                     instances=config.instances or 1)
+    # proto3 enums are open: a newer client may send a value this server does not know.
+    if config.backend not in BACKENDS:
+        raise InvalidArgument(f"unknown backend {config.backend}", field="config.backend")
+    if config.task not in TASKS:
+        raise InvalidArgument(f"unknown task {config.task}", field="config.task")
     return ModelSettings(backend=BACKENDS[config.backend], task=TASKS[config.task], dtype=config.dtype,
                          batching=batching, generation=generation_settings(config))
 
@@ -95,7 +111,7 @@ def status_of(model: LoadedModel) -> pb.ModelStatus:
         name=model.name, version=model.version, state=pb.ModelState.Value(f"MODEL_STATE_{model.state.value}"),
         error=model.error, model_uri=model.uri,
         config=pb.ModelConfig(
-            backend=pb.BACKEND_ONNXRUNTIME if model.settings.backend == "onnxruntime" else pb.BACKEND_PYTORCH,
+            backend=BACKEND_ENUMS.get(model.settings.backend, pb.BACKEND_UNSPECIFIED),
             task=TASK_ENUMS.get(model.task, pb.MODEL_TASK_UNSPECIFIED), dtype=model.settings.dtype,
             instances=b.instances,
             batching=pb.BatchingConfig(enabled=b.enabled, max_batch_size=b.max_batch_size,
@@ -124,8 +140,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self.repository = core.repository
 
     def LoadModel(self, request: pb.LoadModelRequest, context):
-        model = self.repository.load(request.name, request.model_uri, request.version,
-                                     settings_from_proto(request.config))
+        model = self.repository.load(request.name, request.model_uri, request.version, requested_settings(request))
         return pb.LoadModelResponse(status=status_of(model))
 
     def UnloadModel(self, request: pb.UnloadModelRequest, context):

@@ -87,6 +87,19 @@ def check_steps(steps: list[dict[str, Any]], target: str) -> None:
             raise InvalidArgument("each step is one of prune, export, quantize", field=field)
 
 
+def step_label(step: dict[str, Any]) -> str:
+    """A step as a client spells it (`quantize:onnx_int8_dynamic`, `prune:structured_heads,sparsity=0.5`), so
+    that progress names the step as the request did."""
+    if step["type"] == "prune":
+        return f"prune:{step['method']},sparsity={step['sparsity']:g}"
+    if step["type"] == "export":
+        options = ["optimize_graph=true"] if step.get("optimize_graph") else []
+        if step.get("precision", "fp32") != "fp32":
+            options.append(f"precision={step['precision']}")
+        return ",".join(["export:onnx", *options])
+    return f"quantize:{step['method']}"
+
+
 @dataclass
 class Stage:
     folder: Path
@@ -128,15 +141,19 @@ class Optimization:
 
     # -- running -------------------------------------------------------------------------------
 
-    def run(self, params: dict[str, Any], job_id: str, progress: Callable[[float, str], None]) -> dict[str, Any]:
+    def run(self, params: dict[str, Any], job_id: str, progress: Callable[[float, str], None],
+            log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
         source, kind = self.prepare(params)
         steps = params["steps"]
         work = Path(tempfile.mkdtemp(prefix="optimize-", dir=self.stores.artifacts.root / ".staging"))
         try:
             stage, parity = Stage(source, onnx=False), None
             for i, step in enumerate(steps):
-                progress(i / (len(steps) + 2), f"step {i + 1}/{len(steps)}: {step['type']}")
+                label = f"step {i + 1}/{len(steps)} {step_label(step)}"
+                progress(i / (len(steps) + 2), label)
+                started = time.perf_counter()
                 stage = self._apply(step, stage, kind, work / f"step{i}", params.get("target", "cpu"))
+                log(f"{label}: done in {time.perf_counter() - started:.1f} s")
                 parity = stage.parity if stage.parity is not None else parity
             progress(len(steps) / (len(steps) + 2), "measuring")
             evaluation = self._evaluation(params, kind)

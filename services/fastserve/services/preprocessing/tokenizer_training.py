@@ -116,6 +116,10 @@ def save_tokenizer(tok: Tokenizer, spec: TokenizerSpec, folder: Path) -> None:
 @functools.lru_cache(maxsize=16)
 def cached_tokenizer(folder: Path) -> Tokenizer:
     """A shared tokenizer for read-only use: published artifacts never change, so caching by folder is safe.
-    Callers must not change its truncation or padding. (Loading itself is `fastserve.models.tokenizers`,
-    shared with inference.)"""
-    return load_tokenizer(folder)
+    It encodes each text whole and alone: a tokenizer.json may turn padding and truncation on (MiniLM's
+    pads to 128), which `Tokenize` must not apply. Callers must not change them. (Loading itself is
+    `fastserve.models.tokenizers`, shared with inference.)"""
+    tokenizer = load_tokenizer(folder)
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer

@@ -2,11 +2,13 @@
 
 `prepare` resolves and checks everything a job needs (dataset and its task, tokenizer, pretrained
 model, hyperparameters, an estimate of the memory it needs) so bad requests fail before queueing.
-`train` runs one process of a job: in the worker itself, or as one rank of a DDP group.
+`train` runs one process of a job: in the worker itself, or as one rank of a DDP group. `resume`
+queues a new job that goes on from a cancelled or failed job's last checkpoint.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -21,7 +23,7 @@ import torch
 from fastserve.models.refs import resolve_dir
 from fastserve.runtime import job_queue
 from fastserve.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from fastserve.runtime.jobs import Job
+from fastserve.runtime.jobs import Job, JobState
 from fastserve.runtime.stores import Stores
 from fastserve.services.training.data import SplitView
 from fastserve.services.training.models import DataInfo, build_model, check_memory, estimate_bytes, parameter_count
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 SERVICE = "training"
 JOB_TYPE = "training.train"
 KEEP_CHECKPOINTS = 2
+RESUMABLE = frozenset({JobState.CANCELLED, JobState.FAILED})
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "added_tokens.json")
 
@@ -57,15 +60,11 @@ class Training:
     def prepare(self, params: dict[str, Any]) -> Prepared:
         spec = TrainingSpec.parse(params)
         spec.check()
-        try:
-            dataset = self.stores.artifacts.resolve(spec.dataset_uri, "dataset_uri")
-        except NotFound as exc:
-            raise FailedPrecondition(f"{exc.message}: build the dataset first") from None
+        dataset = self.stores.artifacts.resolve(spec.dataset_uri, "dataset_uri")
         if dataset.ref.kind != "datasets" or "dataset" not in dataset.manifest.get("metadata", {}):
             raise InvalidArgument(f"{spec.dataset_uri} is not a dataset", field="dataset_uri")
         reader = DatasetReader(dataset.path, dataset.manifest["metadata"])
-        if reader.task != spec.task:
-            raise InvalidArgument(f"the dataset was built for {reader.task}, not {spec.task}", field="dataset_uri")
+        spec = spec.for_dataset(reader.task)
         if reader.rows("train") < spec.hyper.batch_size * spec.num_processes:
             raise InvalidArgument(f"the train split has {reader.rows('train')} rows, fewer than one batch of "
                                   f"{spec.hyper.batch_size * spec.num_processes}", field="hyperparameters.batch_size")
@@ -89,8 +88,34 @@ class Training:
         return psutil.virtual_memory().total
 
     def submit(self, params: dict[str, Any]) -> Job:
-        self.prepare(params)
-        return job_queue.submit(self.stores, SERVICE, JOB_TYPE, params)
+        prepared = self.prepare(params)
+        # The job records the task it trains, also when it was the dataset's, and the dataset version it
+        # reads (not `latest`): its params then say what it did, and a resume of it (after a cancel or a
+        # lost worker) reads the same data from the checkpoint's position.
+        return job_queue.submit(self.stores, SERVICE, JOB_TYPE, {**params, "task": prepared.spec.task,
+                                                                 "dataset_uri": prepared.dataset.ref.uri})
+
+    def resume(self, job_id: str, max_steps: int = 0) -> Job:
+        """Queue a new job with the params of cancelled or failed job `job_id` that starts from its last
+        checkpoint; `max_steps` (0: the old job's limit) is the new total, counted from step 0."""
+        old = self.stores.jobs.get(job_id)
+        if old.service != SERVICE or old.job_type != JOB_TYPE:
+            raise NotFound(f"no {SERVICE} job {job_id!r}")
+        if old.state not in RESUMABLE:
+            raise FailedPrecondition(f"job {job_id} is {old.state.value}; only a CANCELLED or FAILED job can be "
+                                     "resumed")
+        versions = self.stores.artifacts.versions("checkpoints", job_id)
+        if not versions:
+            raise FailedPrecondition(f"job {job_id} has no checkpoint to resume from: it ended before saving one")
+        if not 0 <= max_steps <= 10**9:
+            raise InvalidArgument("max_steps must be in [0, 1e9] (0: the old job's)", field="max_steps")
+        params = copy.deepcopy(old.params)
+        if max_steps:
+            # The new limit alone decides where training ends, so an epoch count cannot cut it short.
+            params.setdefault("hyperparameters", {}).update(max_steps=max_steps, epochs=0)
+        params["resumed_from"] = job_id
+        params["resume_checkpoint"] = f"artifact://checkpoints/{job_id}/{versions[-1]}"
+        return self.submit(params)
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -98,6 +123,15 @@ class Training:
         versions = self.stores.artifacts.versions("checkpoints", job_id)
         return self.stores.artifacts.resolve(f"artifact://checkpoints/{job_id}/{versions[-1]}").path \
             if versions else None
+
+    def _resume_checkpoint(self, spec: TrainingSpec) -> Path | None:
+        """The other job's checkpoint this one was asked to start from, if any."""
+        if not spec.resume_checkpoint:
+            return None
+        try:
+            return self.stores.artifacts.resolve(spec.resume_checkpoint).path
+        except NotFound:
+            raise FailedPrecondition(f"{spec.resume_checkpoint}, the checkpoint to resume from, was deleted") from None
 
     def publish_checkpoint(self, job_id: str, step: int, write: Callable[[Path], None]) -> str:
         """A checkpoint as artifact `checkpoints/<job id>/<step>`; only the newest few are kept."""
@@ -120,7 +154,8 @@ class Training:
         validation = SplitView(prepared.reader, "validation")
         trainer = Trainer(model, spec.task, spec.hyper, SplitView(prepared.reader, "train"),
                           validation if validation.rows else None, prepared.data.pad_id, device, rank, world)
-        checkpoint = self.latest_checkpoint(job_id)
+        # Its own checkpoint first: a resumed job whose worker died goes on from where it got to.
+        checkpoint = self.latest_checkpoint(job_id) or self._resume_checkpoint(spec)
         if checkpoint is not None:
             trainer.resume(checkpoint)
             log.info("job %s resumes from step %d", job_id, trainer.step)

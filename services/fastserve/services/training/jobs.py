@@ -15,7 +15,7 @@ from fastserve.services.training.trainer import Stopped
 
 
 class JobHooks:
-    """Trainer hooks that report to the job store: progress and METRICS events, checkpoints as
+    """Trainer hooks that report to the job store: METRICS events (with the progress), checkpoints as
     ARTIFACT events, and the job's cancel flag (read at most every `poll` seconds)."""
 
     def __init__(self, ctx: JobContext, core: Training, poll: float = 0.25) -> None:
@@ -27,8 +27,9 @@ class JobHooks:
             message = f"step {step}: eval loss {metrics['eval_loss']:.4f}"
         else:
             message = f"step {step}/{total}: loss {metrics['loss']:.4f}, {metrics['tokens_per_second']:.0f} tokens/s"
-        self.ctx.progress(step / total, message)
-        self.ctx.metrics(message, **metrics)
+        # One event a report, the line with its fraction and figures: a watcher that prints each event's
+        # message prints each line once, and a progress bar still gets the figures from METRICS.
+        self.ctx.metrics(message, fraction=step / total, **metrics)
 
     def should_stop(self) -> bool:
         now = time.monotonic()

@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 
 from fastserve.client.protos import enum_name
+from fastserve.runtime.errors import InvalidArgument
 from fastserve.runtime.job_rpcs import JobRpcs
 from fastserve.runtime.protos import job_to_proto
 from fastserve.runtime.stores import Stores
@@ -39,7 +40,7 @@ def request_params(request: pb.SubmitTrainingJobRequest) -> dict[str, Any]:
              if field.name not in ("lr_schedule", "precision")}
     hyper["lr_schedule"] = _enum(pb.LrSchedule, h.lr_schedule, "LR_SCHEDULE_")
     hyper["precision"] = _enum(pb.Precision, h.precision, "PRECISION_")
-    task = enum_name(pb.TrainingTask, request.task, "TRAINING_TASK_")
+    task = _enum(pb.TrainingTask, request.task, "TRAINING_TASK_")  # unset: the dataset's
     return {"model": model, "task": task, "dataset_uri": request.dataset_uri, "tokenizer_uri": request.tokenizer_uri,
             "hyperparameters": hyper, "output_name": request.output_name, "num_processes": request.num_processes}
 
@@ -54,6 +55,12 @@ class TrainingServicer(JobRpcs, training_pb2_grpc.TrainingServiceServicer):
 
     def SubmitTrainingJob(self, request: pb.SubmitTrainingJobRequest, context):
         return pb.SubmitTrainingJobResponse(job=job_to_proto(self.core.submit(request_params(request))))
+
+    def ResumeTrainingJob(self, request: pb.ResumeTrainingJobRequest, context):
+        if not request.job_id:
+            raise InvalidArgument("job_id is required", field="job_id")
+        self._owned(request.job_id)
+        return pb.ResumeTrainingJobResponse(job=job_to_proto(self.core.resume(request.job_id, request.max_steps)))
 
 
 def register(server: grpc.Server, stores: Stores) -> Sequence[str]:

@@ -6,7 +6,7 @@ turns them into these dataclasses, and `check` refuses anything out of range, na
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -73,6 +73,8 @@ class TrainingSpec:
     pretrained_uri: str = ""
     tokenizer_uri: str = ""
     num_processes: int = 1
+    # A checkpoint of another job to start from (`ResumeTrainingJob`); the job's own checkpoints come first.
+    resume_checkpoint: str = ""
 
     @classmethod
     def parse(cls, params: dict[str, Any]) -> TrainingSpec:
@@ -104,24 +106,37 @@ class TrainingSpec:
         return cls(task=params.get("task", ""), dataset_uri=params.get("dataset_uri", ""),
                    output_name=params.get("output_name", ""), hyper=hyper, architecture=architecture,
                    pretrained_uri=pretrained, tokenizer_uri=params.get("tokenizer_uri", ""),
-                   num_processes=int(params.get("num_processes") or default_processes()))
+                   num_processes=int(params.get("num_processes") or default_processes()),
+                   resume_checkpoint=params.get("resume_checkpoint", ""))
 
     def check(self) -> None:
-        """Refuse what cannot run; every message names the request field."""
-        if self.task not in TASKS:
-            raise InvalidArgument("task must be TRAINING_TASK_CAUSAL_LM, _SEQUENCE_CLASSIFICATION or _SEQ2SEQ",
-                                  field="task")
+        """Refuse what cannot run, whatever the dataset; every message names the request field."""
+        if self.task and self.task not in TASKS:
+            raise InvalidArgument("task must be TRAINING_TASK_CAUSAL_LM, _SEQUENCE_CLASSIFICATION or _SEQ2SEQ "
+                                  "(or unset: the dataset's)", field="task")
         if not self.dataset_uri:
             raise InvalidArgument("dataset_uri is required", field="dataset_uri")
         check_name(self.output_name, "output_name")
         if (self.architecture is None) == (not self.pretrained_uri):
             raise InvalidArgument("set exactly one of model.architecture and model.pretrained_uri", field="model")
         if self.architecture is not None:
-            _check_architecture(self.architecture, self.task)
+            _check_architecture(self.architecture)
         _check_hyper(self.hyper)
         if not 1 <= self.num_processes <= 64:
             raise InvalidArgument("num_processes must be in [1, 64] (0 means one per visible GPU, or 1 on CPU)",
                                   field="num_processes")
+
+    def for_dataset(self, dataset_task: str) -> TrainingSpec:
+        """This spec with the task the dataset was built for: an unset task is the dataset's, and a task
+        set otherwise is refused, as is an architecture that cannot train it."""
+        if self.task and self.task != dataset_task:
+            raise InvalidArgument(f"the dataset was built for {dataset_task}, not {self.task}; leave task unset "
+                                  "to train for the dataset's task", field="task")
+        if self.architecture is not None and dataset_task not in FAMILY_TASKS[self.architecture.family]:
+            family = self.architecture.family
+            raise InvalidArgument(f"{family} models train {' or '.join(FAMILY_TASKS[family])}, not {dataset_task} "
+                                  "(the dataset's task)", field="model.architecture.family")
+        return replace(self, task=dataset_task)
 
 
 def default_processes() -> int:
@@ -129,13 +144,10 @@ def default_processes() -> int:
     return torch.cuda.device_count() or 1
 
 
-def _check_architecture(a: Architecture, task: str) -> None:
+def _check_architecture(a: Architecture) -> None:
     f = "model.architecture"
     if a.family not in FAMILIES:
         raise InvalidArgument(f"unknown architecture family {a.family!r}; one of {', '.join(FAMILIES)}",
-                              field=f"{f}.family")
-    if task not in FAMILY_TASKS[a.family]:
-        raise InvalidArgument(f"{a.family} models train {' or '.join(FAMILY_TASKS[a.family])}, not {task}",
                               field=f"{f}.family")
     for name, value, low, high in (("num_layers", a.num_layers, 1, 128), ("hidden_size", a.hidden_size, 8, 16384),
                                    ("num_heads", a.num_heads, 1, 256),
