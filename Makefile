@@ -8,7 +8,7 @@ SETUP_DONE := $(VENV)/.setup-done
 PROTOS := $(shell find proto -name '*.proto' | sort)
 STUBS_DONE := gen/python/.stubs-done
 
-.PHONY: setup proto test lint up down status demo clean
+.PHONY: setup proto test lint up down status demo chaos clean
 
 setup: $(SETUP_DONE) $(STUBS_DONE)
 
@@ -54,6 +54,10 @@ status: setup
 
 demo: setup
 	$(BIN)/fastserve demo
+
+# Faults on a loopback stack (worker SIGKILLs, inference overload), bounded in time; not part of `test`.
+chaos: setup
+	$(BIN)/python -m bench.chaos
 
 # `make bench-<name>` runs bench/<name>.py, which prints its RESULT lines.
 bench-%: setup

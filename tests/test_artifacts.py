@@ -198,3 +198,13 @@ def test_a_uri_naming_nothing_is_not_found_with_its_field_in_every_service(job_s
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
             assert "did you mean 'artifact://datasets/clm/latest'?" in info.value.details()
     assert stores.jobs.list(service).total_size == before
+
+
+@pytest.mark.parametrize("name", ["a\n", "a\x00b", "a b", "", ".hidden", "x" * 129, "caf\u00e9"])
+def test_a_name_is_letters_digits_and_dots_whole(name):
+    """A final newline slips past a `$`-anchored pattern; the whole name must match."""
+    from fastserve.storage.artifacts import check_name
+
+    with pytest.raises(InvalidArgument) as info:
+        check_name(name, "output_name")
+    assert info.value.violations[0].field == "output_name"

@@ -53,3 +53,64 @@ def test_client_settings_read_the_same_variables_as_the_stack():
     with pytest.raises(SettingError) as info:
         ClientSettings.from_env({"FASTSERVE_INFERENCE_PORT": "abc"})
     assert info.value.name == "FASTSERVE_INFERENCE_PORT"
+
+
+@pytest.mark.parametrize("env, value", [
+    ("FASTSERVE_GRACE_SECONDS", "nan"),
+    ("FASTSERVE_GRACE_SECONDS", "inf"),
+    ("FASTSERVE_MAX_MESSAGE_MB", "-1"),
+    ("FASTSERVE_MAX_MESSAGE_MB", "4096"),  # over gRPC's 2 GiB limit
+    ("FASTSERVE_JOB_LEASE_SECONDS", "0"),
+    ("FASTSERVE_GRPC_THREADS", "0"),
+    ("FASTSERVE_INFERENCE_PORT", "70000"),
+    ("FASTSERVE_WORKER_MEMORY_GB", "-inf"),
+    ("FASTSERVE_INFERENCE_MAX_MODELS", "0"),
+    ("FASTSERVE_INFERENCE_MAX_MODELS", "1025"),
+])
+def test_out_of_range_setting_names_the_variable(env, value):
+    with pytest.raises(InvalidArgument) as info:
+        Config.from_env({env: value})
+    assert info.value.violations[0].field == env and env in info.value.message
+
+
+def test_every_numeric_setting_has_a_range_its_default_is_in():
+    import dataclasses
+
+    for f in dataclasses.fields(Config):
+        if f.type in ("int", "float"):
+            low, high = f.metadata["bounds"]
+            assert low <= f.default <= high, f.name
+    assert Config.from_env({}).inference_max_models == 16
+    assert Config.from_env({"FASTSERVE_INFERENCE_MAX_MODELS": "1024", "FASTSERVE_TRAINING_METRICS_PORT": "0",
+                            "FASTSERVE_GRACE_SECONDS": "0"}).inference_max_models == 1024
+
+
+@pytest.mark.parametrize("env, named", [
+    ({"FASTSERVE_TLS_KEY": "/k.pem"}, "FASTSERVE_TLS_KEY"),
+    ({"FASTSERVE_TLS_CLIENT_CA": "/ca.pem"}, "FASTSERVE_TLS_CLIENT_CA"),
+    ({"FASTSERVE_TLS_KEY": "/k.pem", "FASTSERVE_TLS_CLIENT_CA": "/ca.pem"}, "FASTSERVE_TLS_KEY"),
+])
+def test_tls_key_or_client_ca_without_certificate_is_refused(env, named):
+    with pytest.raises(InvalidArgument) as info:
+        Config.from_env(env)
+    assert info.value.violations[0].field == named
+    assert named in info.value.message and "FASTSERVE_TLS_CERT" in info.value.message
+
+
+def test_server_tls_is_all_or_nothing(tmp_path):
+    assert Config.from_env({}).server_tls() is None
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_bytes(b"CERT")
+    key.write_bytes(b"KEY")
+    # A certificate alone is what a client trusts, so it loads; a server refuses it.
+    client_side = Config.from_env({"FASTSERVE_TLS_CERT": str(cert)})
+    with pytest.raises(InvalidArgument) as info:
+        client_side.server_tls()
+    assert info.value.violations[0].field == "FASTSERVE_TLS_KEY" and "FASTSERVE_TLS_CERT" in info.value.message
+    missing = Config.from_env({"FASTSERVE_TLS_CERT": str(cert), "FASTSERVE_TLS_KEY": str(key),
+                               "FASTSERVE_TLS_CLIENT_CA": str(tmp_path / "none.pem")})
+    with pytest.raises(InvalidArgument) as info:
+        missing.server_tls()
+    assert info.value.violations[0].field == "FASTSERVE_TLS_CLIENT_CA"
+    both = Config.from_env({"FASTSERVE_TLS_CERT": str(cert), "FASTSERVE_TLS_KEY": str(key)})
+    assert both.server_tls() == (b"KEY", b"CERT", None)

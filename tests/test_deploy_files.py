@@ -28,6 +28,9 @@ OVERLAYS = sorted(p.name for p in (ROOT / "deploy" / "k8s" / "overlays").iterdir
 # The oldest minor the manifests promise to work on, and the newest the validator knows.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
 GPU_DEPLOYMENTS = {"inference", "worker-training"}
+# Compose interpolates it from `.env`, and refuses to start without it.
+COMPOSE_PASSWORD = "${REDIS_PASSWORD:?set REDIS_PASSWORD in .env (docs/deploy.md)}"
+SECRET = "fastserve-secrets"
 
 
 def _pyproject() -> dict:
@@ -103,8 +106,35 @@ def test_compose_runs_every_service_on_its_default_ports():
         port, metrics = defaults.port(service), defaults.metrics_port(service)
         assert spec["ports"] == [f"127.0.0.1:{port}:{port}", f"127.0.0.1:{metrics}:{metrics}"]
         assert spec["environment"]["SERVICE_PORT"] == str(port)
-        assert spec["environment"]["FASTSERVE_REDIS_URL"] == "redis://redis:6379/0"
+        assert spec["environment"]["FASTSERVE_REDIS_URL"] == f"redis://:{COMPOSE_PASSWORD}@redis:6379/0"
+        assert spec["environment"]["FASTSERVE_AUTH_TOKEN"] == "${FASTSERVE_AUTH_TOKEN:-}"
         assert spec["environment"]["FASTSERVE_HOST"] == "0.0.0.0"
+
+
+def _redis_flags(argv: list[str]) -> dict[str, str]:
+    """`--name value` pairs of a redis-server command line."""
+    flags = [i for i, a in enumerate(argv) if a.startswith("--")]
+    return {argv[i][2:]: argv[i + 1] for i in flags}
+
+
+def _check_redis_flags(flags: dict[str, str], password: str) -> None:
+    assert flags["appendonly"] == "yes" and flags["appendfsync"] == "everysec"
+    # Job keys are never evicted: a full Redis refuses writes instead.
+    assert flags["maxmemory-policy"] == "noeviction" and flags["maxmemory"][:-2].isdigit()
+    assert flags["requirepass"] == password
+
+
+def test_compose_redis_persists_never_evicts_and_requires_the_password_from_env():
+    project = _compose("docker-compose.yml", "docker-compose.gpu.yml")
+    redis = project["services"]["redis"]
+    assert redis["command"][0] == "redis-server"
+    _check_redis_flags(_redis_flags(redis["command"]), COMPOSE_PASSWORD)
+    assert redis["environment"]["REDISCLI_AUTH"] == COMPOSE_PASSWORD and redis["healthcheck"]["test"][1] == "redis-cli"
+    volume, path = redis["volumes"][0].split(":")
+    assert volume in project["volumes"] and path == "/data"
+    # The example env file names each variable the compose files read.
+    example = (ROOT / "deploy" / "docker" / "compose.env.example").read_text()
+    assert {"REDIS_PASSWORD=", "FASTSERVE_AUTH_TOKEN="} <= set(example.split())
 
 
 def test_compose_has_a_worker_for_every_job_queue_and_flower_on_loopback():
@@ -183,7 +213,8 @@ def _container(deployment: dict) -> dict:
 def test_every_overlay_renders_documents_the_kubernetes_schemas_accept(overlay):
     documents = _render(overlay)
     kinds = {d["kind"] for d in documents}
-    assert {"Deployment", "Service", "ConfigMap", "PersistentVolumeClaim", "HorizontalPodAutoscaler"} <= kinds
+    assert {"Deployment", "Service", "ConfigMap", "PersistentVolumeClaim", "HorizontalPodAutoscaler",
+            "NetworkPolicy"} <= kinds
     for version in K8S_VERSIONS:
         for document in documents:
             kubernetes_validate.validate(document, version, strict=True)
@@ -210,7 +241,7 @@ def test_grpc_services_are_headless_with_native_grpc_probes(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_pod_is_non_root_and_fastserve_pods_share_settings_and_artifacts(overlay):
     (config_map,) = _objects(overlay, "ConfigMap").values()
-    (claim,) = _objects(overlay, "PersistentVolumeClaim").values()
+    claim = _objects(overlay, "PersistentVolumeClaim")["fastserve-artifacts"]
     settings = config_map["data"]
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     for name, deployment in _objects(overlay, "Deployment").items():
@@ -227,15 +258,95 @@ def test_every_pod_is_non_root_and_fastserve_pods_share_settings_and_artifacts(o
         assert container["securityContext"]["allowPrivilegeEscalation"] is False, name
 
 
-def test_the_config_map_holds_only_real_settings_and_reaches_redis():
+def _secret_env(container: dict) -> dict[str, tuple[str, str]]:
+    return {e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+            for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+
+
+def test_the_config_map_holds_only_real_settings_and_pods_reach_redis_with_its_password():
     (config_map,) = _objects(OVERLAYS[0], "ConfigMap").values()
     settings = config_map["data"]
     assert set(settings) <= {env for env, _, _ in describe()}
+    # Secrets never sit in the ConfigMap.
+    assert not {"FASTSERVE_REDIS_URL", "FASTSERVE_AUTH_TOKEN"} & set(settings)
     config = Config.from_env(settings)
     assert config.host == "0.0.0.0" and str(config.home) == "/data"
-    redis_host, redis_port = config.redis_url.removeprefix("redis://").split("/")[0].split(":")
-    redis_service = _objects(OVERLAYS[0], "Service")[redis_host]
-    assert [p["port"] for p in redis_service["spec"]["ports"]] == [int(redis_port)]
+    for name, deployment in _objects(OVERLAYS[0], "Deployment").items():
+        if name == "redis":
+            continue
+        container = _container(deployment)
+        env = [e["name"] for e in container["env"]]
+        # $(REDIS_PASSWORD) expands only when it is defined before the URL.
+        assert env.index("REDIS_PASSWORD") < env.index("FASTSERVE_REDIS_URL"), name
+        assert _secret_env(container)["REDIS_PASSWORD"] == (SECRET, "redis-password"), name
+        url = next(e["value"] for e in container["env"] if e["name"] == "FASTSERVE_REDIS_URL")
+        credentials, address = url.removeprefix("redis://").split("@")
+        assert credentials == ":$(REDIS_PASSWORD)", name
+        redis_host, redis_port = address.split("/")[0].split(":")
+        redis_service = _objects(OVERLAYS[0], "Service")[redis_host]
+        assert [p["port"] for p in redis_service["spec"]["ports"]] == [int(redis_port)]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_fastserve_pod_needs_the_auth_token_secret(overlay):
+    for name, deployment in _objects(overlay, "Deployment").items():
+        if name != "redis":
+            secret_env = _secret_env(_container(deployment))
+            # Not optional: without the Secret no pod starts, rather than one serving unauthenticated.
+            assert secret_env["FASTSERVE_AUTH_TOKEN"] == (SECRET, "auth-token"), name
+            ref = next(e for e in _container(deployment)["env"] if e["name"] == "FASTSERVE_AUTH_TOKEN")
+            assert not ref["valueFrom"]["secretKeyRef"].get("optional", False), name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_redis_persists_never_evicts_and_requires_the_secret_password(overlay):
+    redis = _objects(overlay, "Deployment")["redis"]
+    pod, container = redis["spec"]["template"]["spec"], _container(redis)
+    flags = _redis_flags(container["args"])
+    _check_redis_flags(flags, "$(REDIS_PASSWORD)")
+    env = _secret_env(container)
+    assert env["REDIS_PASSWORD"] == env["REDISCLI_AUTH"] == (SECRET, "redis-password")
+    assert container["readinessProbe"]["exec"]["command"][0] == "redis-cli"
+    # The append-only file lies on a claim of its own, one pod at a time.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    claim = volumes[mounts[flags["dir"]]]["persistentVolumeClaim"]["claimName"]
+    assert _objects(overlay, "PersistentVolumeClaim")[claim]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert redis["spec"]["strategy"]["type"] == "Recreate"
+    # maxmemory stays under the container's limit, leaving room for the append-only file's rewrite.
+    assert int(flags["maxmemory"].removesuffix("mb")) < 1024 and container["resources"]["limits"]["memory"] == "1Gi"
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return selector["matchLabels"].items() <= labels.items()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_let_only_fastserve_pods_reach_redis_and_the_services(overlay):
+    policies = _objects(overlay, "NetworkPolicy")
+    deployments = _objects(overlay, "Deployment")
+    labels = {name: d["spec"]["template"]["metadata"]["labels"] for name, d in deployments.items()}
+    fastserve_pods = {name for name in deployments if name != "redis"}
+    stranger = {"app": "something-else"}
+    defaults = Config()
+    service_ports = {p for s in SERVICES for p in (defaults.port(s), defaults.metrics_port(s))}
+    for policy in policies.values():
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+    guarded = {name for name in deployments
+               if any(_selects(p["spec"]["podSelector"], labels[name]) for p in policies.values())}
+    assert guarded == set(deployments)  # every pod, Redis and each service, sits behind a policy
+    (redis_rule,) = policies["redis"]["spec"]["ingress"]
+    assert _selects(policies["redis"]["spec"]["podSelector"], labels["redis"])
+    assert [p["port"] for p in redis_rule["ports"]] == [6379]
+    assert all(any(_selects(f["podSelector"], labels[name]) for f in redis_rule["from"]) for name in fastserve_pods)
+    assert not any(_selects(f["podSelector"], stranger) for f in redis_rule["from"])
+    (service_rule,) = policies["fastserve"]["spec"]["ingress"]
+    assert all(_selects(policies["fastserve"]["spec"]["podSelector"], labels[name]) for name in fastserve_pods)
+    assert {p["port"] for p in service_rule["ports"]} == service_ports
+    assert all(any(_selects(f["podSelector"], labels[name]) for f in service_rule["from"]) for name in fastserve_pods)
+    assert not any(_selects(f["podSelector"], stranger) for f in service_rule["from"])
+    # Every selector is a pod selector of this namespace: no namespaceSelector or ipBlock opens it wider.
+    assert all(set(f) == {"podSelector"} for rule in (redis_rule, service_rule) for f in rule["from"])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -31,8 +31,8 @@ def stack(tmp_path_factory, redis_server):
         yield training_pb2_grpc.TrainingServiceStub(channel), Stores.from_config(Config.from_env(env))
 
 
-def _watch(stub, job_id, after=""):
-    return [r.event for r in stub.WatchJob(pb.WatchJobRequest(job_id=job_id, after_event_id=after), timeout=60)]
+def _watch(stub, job_id, after="", timeout=60):
+    return [r.event for r in stub.WatchJob(pb.WatchJobRequest(job_id=job_id, after_event_id=after), timeout=timeout)]
 
 
 def test_job_runs_on_worker_and_streams_events(stack):
@@ -49,6 +49,10 @@ def test_job_runs_on_worker_and_streams_events(stack):
     assert done.result["worker_pid"] != 0 and done.end_time.seconds >= done.start_time.seconds > 0
     # A watcher that reconnects after an event gets exactly what followed it.
     assert [e.event_id for e in _watch(stub, job.job_id, events[4].event_id)] == [e.event_id for e in events[5:]]
+    # After the last event of a finished job there is nothing to wait for: the stream ends at once.
+    started = time.monotonic()
+    assert _watch(stub, job.job_id, events[-1].event_id, timeout=5) == []
+    assert time.monotonic() - started < 2
 
 
 def test_cancel_running_job_is_cooperative(stack):
@@ -111,7 +115,10 @@ def test_bad_job_requests(stack):
     assert bad.field_violations[0].field == "job_id"
     other = stores.jobs.create("optimization", "optimization.x", {})
     for call in (lambda: stub.GetJob(pb.GetJobRequest(job_id=other.job_id)),
-                 lambda: stub.GetJob(pb.GetJobRequest(job_id="nope"))):
+                 lambda: stub.GetJob(pb.GetJobRequest(job_id="nope")),
+                 # Names a real key of the store, the job's event stream: still not a job.
+                 lambda: stub.GetJob(pb.GetJobRequest(job_id=f"{other.job_id}:events")),
+                 lambda: _watch(stub, f"{other.job_id}:events", timeout=5)):
         with pytest.raises(grpc.RpcError) as info:
             call()
         assert info.value.code() == grpc.StatusCode.NOT_FOUND

@@ -5,8 +5,9 @@ import time
 
 import pytest
 
+from fastserve.runtime import jobs as jobs_module
 from fastserve.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
-from fastserve.runtime.jobs import EventType, JobState
+from fastserve.runtime.jobs import EventType, JobState, JobStore
 
 
 def test_lifecycle_events_in_order(stores):
@@ -87,11 +88,106 @@ def test_bad_requests(stores):
     with pytest.raises(InvalidArgument) as info:
         stores.jobs.list("training", page_token="garbage!")
     assert info.value.violations[0].field == "page.page_token"
-    with pytest.raises(InvalidArgument):
-        stores.jobs.list("training", page_size=5000)
+    with pytest.raises(InvalidArgument) as info:
+        stores.jobs.list("training", page_size=-1)
+    assert info.value.violations[0].field == "page.page_size"
+    with pytest.raises(InvalidArgument) as info:
+        stores.jobs.list("training", job_type="a:state:RUNNING")
+    assert info.value.violations[0].field == "filter.job_type"
     job = stores.jobs.create("training", "t", {})
     with pytest.raises(InvalidArgument):
         list(stores.jobs.events(job.job_id, after_event_id="nope"))
+
+
+def test_page_size_above_the_maximum_is_clamped(stores):
+    jobs = stores.jobs
+    for _ in range(3):
+        jobs.create("preprocessing", "t", {})
+    assert len(jobs.list("preprocessing", page_size=5000).jobs) == 3
+
+
+def test_an_id_that_is_not_a_job_id_is_not_found_without_reaching_redis(stores):
+    jobs = stores.jobs
+    job = jobs.create("training", "t", {})
+    # Each names a real key of the stack (the job's event stream, an index), or another stack's job.
+    for bad in (f"{job.job_id}:events", job.job_id.upper(), "../" + job.job_id, job.job_id + "0", "",
+                f"x:job:{job.job_id}"):
+        for call in (jobs.get, jobs.cancel_requested, jobs.request_cancel, lambda i: list(jobs.events(i))):
+            with pytest.raises(NotFound):
+                call(bad)
+    jobs.redis.hset(f"{jobs.prefix}job:not-an-id", mapping={"job_id": "not-an-id", "service": "training"})
+    with pytest.raises(NotFound):
+        jobs.get("not-an-id")
+
+
+def test_pages_walk_several_state_sets_newest_first(stores):
+    jobs = stores.jobs
+    made = [jobs.create("optimization", "optimization.prune", {"i": i}) for i in range(7)]
+    for job in made[::2]:
+        jobs.transition(job.job_id, JobState.CANCELLED)
+    jobs.transition(made[1].job_id, JobState.RUNNING)
+    states = frozenset({JobState.CANCELLED, JobState.QUEUED})
+    seen, token = [], ""
+    while True:
+        page = jobs.list("optimization", states=states, page_size=2, page_token=token)
+        assert page.total_size == 6 and len(page.jobs) <= 2
+        seen += [j.params["i"] for j in page.jobs]
+        if not (token := page.next_page_token):
+            break
+    assert seen == [6, 5, 4, 3, 2, 0]
+    assert [j.job_id for j in jobs.active("optimization")] == [made[1].job_id]
+    jobs.request_cancel(made[1].job_id)
+    assert [j.state for j in jobs.active("optimization")] == [JobState.CANCELLING]
+    jobs.transition(made[1].job_id, JobState.CANCELLED)
+    assert jobs.active("optimization") == []
+    assert jobs.list("optimization", states=frozenset({JobState.RUNNING})).total_size == 0
+
+
+def test_event_stream_is_trimmed_and_a_resumed_watch_gets_what_remains(stores, monkeypatch):
+    monkeypatch.setattr(jobs_module, "MAX_EVENTS", 100)
+    jobs = stores.jobs
+    job = jobs.create("training", "t", {})
+    first = next(jobs.events(job.job_id)).event_id
+    jobs.transition(job.job_id, JobState.RUNNING)
+    for i in range(1000):
+        jobs.report(job.job_id, EventType.LOG, f"line {i}")
+    jobs.transition(job.job_id, JobState.SUCCEEDED)
+    # Approximate trimming drops whole stream nodes (100 entries each): a bound, not an exact count.
+    assert jobs.redis.xlen(jobs.job_key(job.job_id, "events")) <= 300
+    resumed = list(jobs.events(job.job_id, after_event_id=first))
+    assert 100 <= len(resumed) <= 300 and resumed[-1].state is JobState.SUCCEEDED
+    assert resumed[-2].message == "line 999"
+
+
+def test_finished_jobs_expire_after_the_retention(stores):
+    jobs = JobStore(stores.jobs.redis, stores.jobs.prefix, retention_seconds=1)
+    done, running = jobs.create("training", "t", {}), jobs.create("training", "t", {})
+    jobs.transition(running.job_id, JobState.RUNNING)
+    jobs.transition(done.job_id, JobState.CANCELLED)
+    assert 0 < jobs.redis.ttl(jobs.job_key(done.job_id)) <= 1
+    assert 0 < jobs.redis.ttl(jobs.job_key(done.job_id, "events")) <= 1
+    assert jobs.redis.ttl(jobs.job_key(running.job_id)) == -1
+    time.sleep(1.2)
+    with pytest.raises(NotFound):
+        jobs.get(done.job_id)
+    assert [j.job_id for j in jobs.list("training").jobs] == [running.job_id]
+    assert jobs.list("training", job_type="t", states=frozenset({JobState.CANCELLED})).total_size == 0
+    assert not any(jobs.redis.zscore(k, done.job_id) for k in jobs.redis.scan_iter(f"{jobs.prefix}jobs:*")
+                   if jobs.redis.type(k) == "zset")
+
+
+def test_watch_of_a_finished_job_ends_after_its_last_event(stores):
+    jobs = stores.jobs
+    job = jobs.create("training", "t", {})
+    jobs.transition(job.job_id, JobState.CANCELLED)
+    last = list(jobs.events(job.job_id))[-1].event_id
+    seen: list = []
+    watcher = threading.Thread(target=lambda: seen.extend(jobs.events(job.job_id, after_event_id=last)),
+                               daemon=True)
+    started = time.monotonic()
+    watcher.start()
+    watcher.join(5)
+    assert not watcher.is_alive() and seen == [] and time.monotonic() - started < 2
 
 
 def test_lease_is_exclusive_and_expires(stores):

@@ -231,3 +231,16 @@ def test_a_folder_that_cannot_load_is_a_failed_precondition(encoder_folders, loa
         load(encoder_folders)
     assert says in info.value.message
     assert [v.field for v in info.value.violations] == ([field] if field else [])
+
+
+def test_a_corrupt_tokenizer_file_is_a_failed_precondition(tmp_path):
+    """The Rust tokenizers library raises a bare Exception for a file it cannot parse: before, INTERNAL."""
+    from fastserve.models.tokenizers import load_tokenizer
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(FailedPrecondition) as info:
+        load_tokenizer(folder)
+    assert "tokenizer.json" in info.value.message and str(tmp_path) not in info.value.message
+    assert info.value.violations[0].field == "tokenizer_uri"

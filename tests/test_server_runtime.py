@@ -272,3 +272,72 @@ def test_celery_accepts_json_only_and_survives_worker_loss():
     assert settings["result_accept_content"] == ["json"]
     assert settings["task_acks_late"] and settings["task_reject_on_worker_lost"]
     assert settings["worker_prefetch_multiplier"] == 1
+
+
+@pytest.mark.parametrize("tls, named", [
+    ({"FASTSERVE_TLS_KEY": "k"}, "FASTSERVE_TLS_KEY is set without FASTSERVE_TLS_CERT"),
+    ({"FASTSERVE_TLS_CERT": "c"}, "FASTSERVE_TLS_CERT is set without FASTSERVE_TLS_KEY"),
+])
+def test_half_set_tls_refuses_to_start(env, log_dir, tmp_path, tls, named):
+    for variable, name in tls.items():
+        (tmp_path / name).write_text("PEM")
+        tls[variable] = str(tmp_path / name)
+    port = free_port()
+    proc = spawn([sys.executable, "-m", "tests.support.probe"], {**env, "FASTSERVE_INFERENCE_PORT": str(port), **tls},
+                 log_dir / "probe.log", port)
+    try:
+        assert proc.process.wait(30) != 0
+        assert f"inference cannot start: {named}" in proc.log_text()
+        assert "Traceback" not in proc.log_text()
+        assert not port_open(port)  # and never served plaintext
+    finally:
+        proc.stop()
+
+
+def test_errors_show_no_server_paths(config, caplog):
+    import logging
+
+    from fastserve.runtime.errors import FailedPrecondition
+
+    caplog.set_level(logging.INFO, logger="fastserve.runtime.interceptors")
+    secret = f"{config.home}/artifacts/models/m/1/config.json"
+
+    def fail(request, context):
+        raise FailedPrecondition(f"cannot read {secret}: [Errno 13] denied, also '/srv/data/x/y.bin'",
+                                 field="model_uri")
+
+    def register(server):
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            probe.SERVICE, {"Fail": grpc.unary_unary_rpc_method_handler(fail)}),))
+        return [probe.SERVICE]
+
+    running = create_server("inference", register, config, port=0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch, pytest.raises(grpc.RpcError) as info:
+            ch.unary_unary(f"/{probe.SERVICE}/Fail")(b"", metadata=(("x-request-id", "req-path"),), timeout=5)
+    finally:
+        running.stop(0)
+    sent = [info.value.details(), *(v.description for v in _violations(info.value))]
+    for text in sent:
+        assert str(config.home) not in text and "/srv" not in text
+        assert "$FASTSERVE_HOME/artifacts/models/m/1/config.json" in text and "…/x/y.bin" in text
+    assert any(secret in r.getMessage() for r in caplog.records)  # the log keeps the detail
+
+
+def _violations(error):
+    bad = error_details_pb2.BadRequest()
+    assert any(d.Unpack(bad) for d in rpc_status.from_call(error).details)
+    return bad.field_violations
+
+
+def test_model_folder_errors_name_no_server_path(tmp_path):
+    from fastserve.models.kinds import read_config
+    from fastserve.runtime.errors import FailedPrecondition, error_gist
+
+    folder = tmp_path / "models" / "m" / "1"
+    (folder / "config.json").mkdir(parents=True)  # unreadable as a file: IsADirectoryError names the path
+    with pytest.raises(FailedPrecondition) as info:
+        read_config(folder)
+    assert str(tmp_path) not in info.value.message and "m/1" in info.value.message
+    gist = error_gist(OSError(f"Can't load the configuration of '{folder}'. Make sure..."))
+    assert str(tmp_path) not in gist and "…/m/1" in gist

@@ -1,15 +1,26 @@
 """A worker killed outright (SIGKILL of its whole process group) loses no job: its lease expires and
-another worker queues the job again."""
+another worker queues the job again; and a job that kills its worker every time fails after a bounded
+number of attempts instead of being queued again forever."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 from fastserve.runtime.config import Config
 from fastserve.runtime.job_queue import submit
+from fastserve.runtime.job_runner import JobContext, job_handler
 from fastserve.runtime.jobs import EventType, JobState
 from fastserve.runtime.stores import Stores
 from tests.support.processes import start_worker
+
+
+@job_handler("test.kill_worker")
+def _kill_worker(ctx: JobContext) -> dict:
+    """Kills the pool process that runs it, as a job that exhausts the machine's memory would."""
+    os.kill(os.getpid(), signal.SIGKILL)
+    return {}
 
 
 def _wait(stores, job_id, predicate, timeout=60.0):
@@ -39,3 +50,18 @@ def test_job_of_a_killed_worker_is_requeued_and_finishes(env, log_dir):
         doomed.kill()
         if survivor:
             survivor.stop()
+
+
+def test_a_job_that_kills_its_worker_fails_after_its_attempts(env, log_dir):
+    env = {**env, "FASTSERVE_JOB_LEASE_SECONDS": "1"}
+    stores = Stores.from_config(Config.from_env(env))
+    # Celery's prefork pool replaces the killed process and redelivers the job (reject on worker lost).
+    worker = start_worker(env, log_dir, include="tests.support.jobs,tests.test_worker_loss")
+    try:
+        job = submit(stores, "training", "test.kill_worker", {})
+        done = _wait(stores, job.job_id, lambda j: j.state.terminal, timeout=90)
+        assert done.state is JobState.FAILED
+        assert "gave up after 3 attempts" in done.error
+        assert stores.jobs.redis.hget(stores.jobs.job_key(job.job_id), "attempts") == "4"
+    finally:
+        worker.stop()

@@ -168,3 +168,45 @@ def test_the_runner_executes_steps_written_by_hand_exactly(model):
     assert not runner.host
     runner.execute(SchedulerOutput(finished_ids=[0, 1]))
     assert not runner.running
+
+
+def test_a_sequence_that_fails_fails_alone_while_the_others_finish(model):
+    """Parameters that bypass the boundary's validation (a NaN temperature, a 1e-38 one, a NaN penalty)
+    break only their own sampling row; a token id outside the vocabulary breaks the packed forward pass,
+    which then runs each sequence alone. Every other sequence decodes exactly as alone."""
+    eng = engine(model, "isolation", max_batch_size=8)
+    vocab = model.config.vocab_size
+    good = [(p, 12) for p in prompts(4, seed=3)]
+    bad_params = [SamplingParams(max_new_tokens=12, temperature=float("nan")),
+                  SamplingParams(max_new_tokens=12, temperature=1e-38),
+                  SamplingParams(max_new_tokens=12, repetition_penalty=float("nan"))]
+    seqs = [eng.submit(p, SamplingParams(max_new_tokens=n)) for p, n in good[:2]]
+    bad = [eng.submit(good[0][0], params) for params in bad_params]
+    bad.append(eng.submit([5, vocab + 7, 9], SamplingParams(max_new_tokens=12)))
+    seqs += [eng.submit(p, SamplingParams(max_new_tokens=n)) for p, n in good[2:]]
+    for seq in seqs + bad:
+        assert seq.done.wait(60)
+    assert [s.finish for s in bad] == [Finish.ERROR] * 4
+    assert "non-finite" in bad[0].error and "non-finite" in bad[1].error and "NaN" in bad[2].error
+    assert "forward pass" in bad[3].error
+    for (prompt, n), seq in zip(good, seqs, strict=True):
+        assert seq.finish is Finish.LENGTH and seq.generated == reference(model, prompt, n)
+    # The engine serves on.
+    after = eng.submit(good[0][0], SamplingParams(max_new_tokens=3))
+    assert after.done.wait(60) and after.generated == reference(model, good[0][0], 3)
+    eng.drain()
+
+
+def test_a_detokenizing_failure_fails_that_sequence_alone(model):
+    """Stop sequences are found by detokenizing; a tokenizer that fails on a completion fails it alone."""
+    def decode(ids: list[int]) -> str:
+        raise ValueError("this tokenizer cannot decode")
+
+    eng = Engine("decode-fails", open_decoder(model), GenerationSettings(max_batch_size=4), set(), decode)
+    prompt = prompts(1, seed=4)[0]
+    stopping = eng.submit(prompt, SamplingParams(max_new_tokens=8, stop_sequences=("zz",)))
+    plain = eng.submit(prompt, SamplingParams(max_new_tokens=8))
+    assert stopping.done.wait(60) and plain.done.wait(60)
+    eng.drain()
+    assert stopping.finish is Finish.ERROR and "decode" in stopping.error
+    assert plain.finish is Finish.LENGTH and plain.generated == reference(model, prompt, 8)

@@ -228,6 +228,11 @@ def test_overload_is_refused_and_memory_stays_bounded(server, stub):
     (pb.SamplingParams(top_p=1.5), "sampling.top_p"),
     (pb.SamplingParams(top_p=-0.1), "sampling.top_p"),
     (pb.SamplingParams(top_k=-1), "sampling.top_k"),
+    (pb.SamplingParams(temperature=float("nan")), "sampling.temperature"),
+    (pb.SamplingParams(temperature=float("inf")), "sampling.temperature"),
+    (pb.SamplingParams(temperature=1e-38), "sampling.temperature"),
+    (pb.SamplingParams(repetition_penalty=float("nan")), "sampling.repetition_penalty"),
+    (pb.SamplingParams(seed=-1), "sampling.seed"),
 ])
 def test_bad_sampling_parameters_are_invalid_arguments(stub, sampling, field):
     with pytest.raises(grpc.RpcError) as error:
@@ -291,3 +296,8 @@ def test_kserve_text_input_to_text_output_unary_and_streamed(stub, kserve):
     finals = [r.infer_response.parameters["triton_final_response"].bool_param for r in chunks]
     assert finals[-1] and not any(finals[:-1])
     assert "temperature" in responses[-1].error_message
+    for parameters, field in (({"temperature": "nan"}, "parameters.temperature"),
+                              ({"stop": "[1, 2]"}, "parameters.stop"), ({"top_k": "many"}, "parameters.top_k")):
+        with pytest.raises(grpc.RpcError) as error:
+            kserve.ModelInfer(kserve_request("gpt2", PROMPTS[2], **parameters))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_of(error.value) == field

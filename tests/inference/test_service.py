@@ -132,6 +132,10 @@ def test_classifier_over_both_protocols(stub, kserve):
     with pytest.raises(grpc.RpcError) as info:
         stub.Embed(pb.EmbedRequest(model="topics", texts=["x"]))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_of(info.value) == "model"
+    for top_k in (-1, -100):  # -100: below minus the label count, once INTERNAL
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Classify(pb.ClassifyRequest(model="topics", texts=["x"], top_k=top_k))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_of(info.value) == "top_k"
 
 
 def test_version_swap_under_load_loses_no_request(stub, kserve):
@@ -195,6 +199,10 @@ def test_deadline_and_the_server_stays_up(stub):
      "raw_input_contents"),
     (lambda r: r.__setattr__("model_name", "missing"), grpc.StatusCode.NOT_FOUND, None),
     (lambda r: r.__setattr__("model_version", "99"), grpc.StatusCode.NOT_FOUND, None),
+    (lambda r: r.parameters["truncate"].__setattr__("string_param", "yes"), grpc.StatusCode.INVALID_ARGUMENT,
+     "parameters.truncate"),
+    (lambda r: r.parameters["priority"].__setattr__("string_param", "high"), grpc.StatusCode.INVALID_ARGUMENT,
+     "parameters.priority"),
 ])
 def test_bad_kserve_requests(kserve, mutate, code, field):
     request = text_request(MODEL, ["one", "two"])
@@ -204,6 +212,14 @@ def test_bad_kserve_requests(kserve, mutate, code, field):
     assert info.value.code() == code
     if field:
         assert field_of(info.value) == field
+
+
+def test_a_bad_parameter_streamed_to_an_encoder_is_an_invalid_argument(kserve):
+    request = text_request(MODEL, ["one"])
+    request.inputs[0].name = "text_input"
+    request.parameters["temperature"].string_param = "warm"
+    (response,) = kserve.ModelStreamInfer(iter([request]))
+    assert response.error_message.startswith("InvalidArgument") and "temperature" in response.error_message
 
 
 def test_long_texts_refused_unless_truncated(stub, kserve):

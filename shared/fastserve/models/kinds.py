@@ -44,9 +44,15 @@ def read_config(folder: Path, field: str = "model_uri") -> dict[str, Any]:
     except FileNotFoundError:
         raise FailedPrecondition(f"{folder_label(folder)} has no config.json: not a model folder",
                                  field=field) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FailedPrecondition(f"the config.json of {folder_label(folder)} cannot be read: {exc}",
-                                 field=field) from None
+    except json.JSONDecodeError as exc:
+        raise FailedPrecondition(f"the config.json of {folder_label(folder)} is not JSON: {exc.msg} at line "
+                                 f"{exc.lineno}", field=field) from None
+    except UnicodeDecodeError:
+        raise FailedPrecondition(f"the config.json of {folder_label(folder)} is not UTF-8", field=field) from None
+    except OSError as exc:
+        # str(exc) names the absolute path; the reason alone tells the caller what is wrong.
+        raise FailedPrecondition(f"the config.json of {folder_label(folder)} cannot be read: "
+                                 f"{exc.strerror or type(exc).__name__}", field=field) from None
 
 
 def kind_of_config(config: dict[str, Any]) -> str:

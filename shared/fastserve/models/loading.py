@@ -25,7 +25,7 @@ from torch import nn
 from fastserve.models import pruned
 from fastserve.models.kinds import auto_class, folder_label, read_config
 from fastserve.models.quantized import is_quantized, load_quantized_torch
-from fastserve.runtime.errors import FailedPrecondition, InvalidArgument
+from fastserve.runtime.errors import FailedPrecondition, InvalidArgument, error_gist
 
 log = logging.getLogger(__name__)
 transformers.utils.logging.disable_progress_bar()  # servers and workers log lines, not progress bars
@@ -92,8 +92,9 @@ def load_config(folder: Path, field: str = "model_uri") -> Any:
     try:
         return AutoConfig.from_pretrained(str(folder))
     except (OSError, ValueError) as exc:
-        raise FailedPrecondition(f"transformers cannot read the config of {folder_label(folder)}: {exc}",
-                                 field=field) from None
+        log.warning("transformers cannot read the config in %s", folder, exc_info=True)
+        raise FailedPrecondition(f"transformers cannot read the config of {folder_label(folder)}: "
+                                 f"{error_gist(exc)}", field=field) from None
 
 
 def load_model(folder: Path, kind: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
@@ -145,9 +146,3 @@ def onnx_session(folder: Path, field: str = "config.backend") -> Any:
                                  f"{type(exc).__name__}: {error_gist(exc)}") from None
     log.info("ONNX Runtime session for %s runs on %s", folder.name, session.get_providers())
     return session
-
-
-def error_gist(exc: BaseException, limit: int = 300) -> str:
-    """The gist of a library's error: some span pages (a whole state-dict diff, a C++ backtrace)."""
-    text = str(exc).strip().splitlines()
-    return text[0][:limit] if text else "no message"

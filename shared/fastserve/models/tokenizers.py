@@ -13,7 +13,8 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from fastserve.runtime.errors import InvalidArgument
+from fastserve.models.kinds import folder_label
+from fastserve.runtime.errors import FailedPrecondition, InvalidArgument, error_gist
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -25,7 +26,11 @@ def load_tokenizer(folder: Path, field: str = "tokenizer_uri") -> Tokenizer:
     convert (a `vocab.txt`, a SentencePiece model)."""
     path = Path(folder) / TOKENIZER_FILE
     if path.is_file():
-        return Tokenizer.from_file(str(path))
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - the Rust library raises a bare Exception for a bad file
+            raise FailedPrecondition(f"the {TOKENIZER_FILE} of {folder_label(folder)} cannot be read: "
+                                     f"{error_gist(exc)}", field=field) from None
     return load_transformers_tokenizer(folder, field).backend_tokenizer
 
 
@@ -36,4 +41,4 @@ def load_transformers_tokenizer(folder: Path, field: str = "tokenizer_uri") -> A
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError, TypeError) as exc:  # what transformers raises for a folder it cannot read
-        raise InvalidArgument(f"no tokenizer in {Path(folder).name}: {exc}", field=field) from None
+        raise InvalidArgument(f"no tokenizer in {Path(folder).name}: {error_gist(exc)}", field=field) from None

@@ -6,7 +6,13 @@ each class to its status code. `reason` names the matching `fastserve.common.v1.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+HOME_LABEL = "$FASTSERVE_HOME"
+
+# An absolute path of at least two parts, not part of a URI (`artifact://a/b`) or a relative path (`a/b`).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~$-])/(?:[\w.@+=,-]+/)+[\w.@+=,-]*")
 
 
 @dataclass(frozen=True)
@@ -76,3 +82,19 @@ class Cancelled(FastServeError):
 
 class Unauthenticated(FastServeError):
     reason = "UNAUTHENTICATED"
+
+
+def without_paths(text: str, home: str = "") -> str:
+    """`text` fit to send to a client: the FASTSERVE_HOME prefix reads `$FASTSERVE_HOME`, any other absolute
+    path is cut to its last two parts (`…/models/1`). Server paths tell a caller nothing it can use and an
+    attacker where things are."""
+    if home.startswith("/") and home != "/":
+        text = text.replace(home.rstrip("/"), HOME_LABEL)
+    return _ABSOLUTE_PATH.sub(lambda m: "…/" + "/".join(m.group(0).rstrip("/").split("/")[-2:]), text)
+
+
+def error_gist(exc: BaseException, limit: int = 300) -> str:
+    """The gist of a library's error, fit for a client: some span pages (a whole state-dict diff, a C++
+    backtrace), and most name the absolute path of the file they could not read."""
+    text = str(exc).strip().splitlines()
+    return without_paths(text[0])[:limit] if text else "no message"

@@ -16,12 +16,14 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from fastserve.common.v1 import errors_pb2
 from fastserve.runtime import errors, logs
 from fastserve.runtime.metrics import RPC_CALLS, RPC_ERRORS, RPC_IN_FLIGHT, RPC_LATENCY
+from fastserve.runtime.validation import check_request
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,8 @@ class _Interceptor(grpc.ServerInterceptor):
         raise NotImplementedError
 
 
-def _rewrap(handler: grpc.RpcMethodHandler, wrap_unary_reply, wrap_stream_reply) -> grpc.RpcMethodHandler:
+def _rewrap(handler: grpc.RpcMethodHandler, wrap_unary_reply, wrap_stream_reply,
+            request_deserializer: Callable[[bytes], Any] | None = None) -> grpc.RpcMethodHandler:
     if handler.unary_unary:
         factory, behaviour = grpc.unary_unary_rpc_method_handler, wrap_unary_reply(handler.unary_unary)
     elif handler.stream_unary:
@@ -70,7 +73,7 @@ def _rewrap(handler: grpc.RpcMethodHandler, wrap_unary_reply, wrap_stream_reply)
         factory, behaviour = grpc.unary_stream_rpc_method_handler, wrap_stream_reply(handler.unary_stream)
     else:
         factory, behaviour = grpc.stream_stream_rpc_method_handler, wrap_stream_reply(handler.stream_stream)
-    return factory(behaviour, request_deserializer=handler.request_deserializer,
+    return factory(behaviour, request_deserializer=request_deserializer or handler.request_deserializer,
                    response_serializer=handler.response_serializer)
 
 
@@ -157,10 +160,26 @@ class ErrorInterceptor(_Interceptor):
 
     The request id is taken from the caller's `x-request-id` metadata or made here; it tags every log
     line of the call and comes back in the `x-request-id` trailing metadata and in `ErrorDetail`.
+
+    It is also where every request is checked before a servicer sees it: one that does not parse, and one
+    that breaks `fastserve.runtime.validation`, is INVALID_ARGUMENT; with client streaming, each message
+    as it arrives.
     """
 
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, home: str = "") -> None:
         self.service = service
+        self.home = home
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        check = _checked_stream if handler.stream_unary or handler.stream_stream else _checked
+        return _rewrap(handler,
+                       lambda b: self.around_unary(method, _checking(b, check), handler_call_details),
+                       lambda b: self.around_stream(method, _checking(b, check), handler_call_details),
+                       request_deserializer=_tolerant(handler.request_deserializer))
 
     def _start(self, context: grpc.ServicerContext) -> tuple[str, Any]:
         rid = dict(context.invocation_metadata() or ()).get("x-request-id") or uuid.uuid4().hex[:16]
@@ -194,8 +213,8 @@ class ErrorInterceptor(_Interceptor):
         if context.code() not in (None, grpc.StatusCode.OK):
             raise exc  # the handler already aborted with its own status
         if isinstance(exc, errors.FastServeError):
-            reason, message = exc.reason, exc.message
-            log.info("%s -> %s: %s", method, reason, message)
+            reason, message = exc.reason, errors.without_paths(exc.message, self.home)
+            log.info("%s -> %s: %s", method, reason, exc.message)
         else:
             reason, message = "INTERNAL", f"internal error (request id {rid})"
             log.error("%s failed with an unexpected error (request id %s)", method, rid, exc_info=exc)
@@ -211,9 +230,51 @@ class ErrorInterceptor(_Interceptor):
         details = [_pack(detail)]
         if isinstance(exc, errors.FastServeError) and exc.violations:
             details.insert(0, _pack(error_details_pb2.BadRequest(field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=errors.without_paths(v.description, self.home))
                 for v in exc.violations])))
         return status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """What the deserializer hands on for bytes that are not a request: gRPC would answer INTERNAL
+    ("Exception deserializing request!") before any interceptor ran, so the refusal waits for the behaviour."""
+
+    message_name: str
+    problem: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    message_class = getattr(deserializer, "__self__", None)
+    message_name = getattr(getattr(message_class, "DESCRIPTOR", None), "full_name", "message")
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            # upb says "Error parsing message with type 'X': String field had bad UTF-8": keep the cause.
+            return _Undecodable(message_name, str(exc).rpartition(": ")[2] or "it does not parse")
+    return deserialize
+
+
+def _checked(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise errors.InvalidArgument(f"the request is not a valid {request.message_name}: {request.problem}")
+    if isinstance(request, Message):
+        check_request(request)
+    return request
+
+
+def _checked_stream(requests: Iterator[Any]) -> Iterator[Any]:
+    for request in requests:
+        yield _checked(request)
+
+
+def _checking(behaviour: Behaviour, check: Callable[[Any], Any]) -> Behaviour:
+    return lambda request, context: behaviour(check(request), context)
 
 
 @dataclass(frozen=True)
@@ -229,10 +290,10 @@ def _pack(message) -> any_pb2.Any:
     return packed
 
 
-def build_interceptors(service: str, auth_token: str) -> list[grpc.ServerInterceptor]:
-    """The chain every server gets, outermost first."""
+def build_interceptors(service: str, auth_token: str, home: str = "") -> list[grpc.ServerInterceptor]:
+    """The chain every server gets, outermost first; `home` (FASTSERVE_HOME) is never shown to clients."""
     chain: list[grpc.ServerInterceptor] = [MetricsInterceptor(service)]
     if auth_token:
         chain.append(AuthInterceptor(auth_token))
-    chain.append(ErrorInterceptor(service))
+    chain.append(ErrorInterceptor(service, home))
     return chain

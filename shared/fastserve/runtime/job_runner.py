@@ -5,24 +5,37 @@ runner takes the job's lease (so no two runners run it at once), moves it to RUN
 handler, and records SUCCEEDED with the returned result, CANCELLED when the handler stopped at a
 cancel check, or FAILED with the error. A job redelivered after its worker died is still RUNNING and
 runs again; handlers resume from their checkpoints.
+
+Each run that takes the lease counts an attempt in the job's hash; past `job_max_attempts` the job
+fails instead of running, so a job that kills its worker is not queued again forever. A runner that
+loses its lease stops at its next check (`check_cancelled`, a trainer's stop hook) and writes no
+state: the job is another runner's now. A handler publishes its output through `publish_once`, which
+records the result in the job hash, so a job redelivered after publishing ends with that result
+instead of publishing a second artifact.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+
 from fastserve.runtime.config import Config
-from fastserve.runtime.errors import FailedPrecondition, FastServeError
-from fastserve.runtime.job_lease import JobLease
+from fastserve.runtime.errors import FailedPrecondition, FastServeError, error_gist
+from fastserve.runtime.job_lease import JobLease, LeaseLost
 from fastserve.runtime.jobs import EventType, Job, JobState
 from fastserve.runtime.stores import Stores
 
 log = logging.getLogger(__name__)
+
+# The job hash's fields this module keeps: runs that took the lease, and the result of a publish.
+ATTEMPTS, PUBLISHED = "attempts", "published"
 
 
 class JobCancelled(Exception):
@@ -35,6 +48,8 @@ class JobContext:
 
     job: Job
     stores: Stores
+    # None in a process that runs under another's lease (a rank of a distributed job).
+    lease: JobLease | None = None
 
     @property
     def params(self) -> dict[str, Any]:
@@ -54,9 +69,29 @@ class JobContext:
         self.stores.jobs.report(self.job.job_id, EventType.ARTIFACT, message or f"published {uri}", data={"uri": uri})
 
     def check_cancelled(self) -> None:
-        """Call between units of work; raises JobCancelled once a cancel was requested."""
+        """Call between units of work; raises JobCancelled once a cancel was requested, LeaseLost once
+        the job is no longer this runner's."""
+        if self.lease is not None:
+            self.lease.check()
         if self.stores.jobs.cancel_requested(self.job.job_id):
             raise JobCancelled()
+
+    @property
+    def lease_lost(self) -> bool:
+        return self.lease is not None and not self.lease.held()
+
+    def publish_once(self, publish: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run `publish` (which publishes the job's output and returns its result) unless an earlier
+        attempt did; either way return the result. Only the lease holder publishes."""
+        key = self.stores.jobs.job_key(self.job.job_id)
+        done = self.stores.jobs.redis.hget(key, PUBLISHED)
+        if done:
+            return json.loads(done)
+        if self.lease is not None:
+            self.lease.check()
+        result = publish()
+        self.stores.jobs.redis.hset(key, PUBLISHED, json.dumps(result))
+        return result
 
 
 Handler = Callable[[JobContext], dict[str, Any]]
@@ -88,39 +123,66 @@ def run(stores: Stores, job_id: str) -> JobState:
         log.info("job %s is already running elsewhere; this delivery does nothing", job_id)
         return stores.jobs.get(job_id).state
     try:
-        return _run(stores, job_id)
+        return _run(stores, job_id, lease)
+    except LeaseLost:
+        log.warning("job %s: this runner lost its lease and stopped; the job is left to its next runner", job_id)
+        return JobState.RUNNING
     finally:
         lease.release()
 
 
-def _run(stores: Stores, job_id: str) -> JobState:
+def max_attempts(stores: Stores) -> int:
+    return stores.config.job_max_attempts
+
+
+def _run(stores: Stores, job_id: str, lease: JobLease) -> JobState:
     jobs = stores.jobs
+
+    def finish(to: JobState, message: str = "", error: str = "", result: dict[str, Any] | None = None) -> JobState:
+        # Fenced: a runner that lost its lease leaves the job's outcome to the runner that holds it.
+        lease.check()
+        return jobs.transition(job_id, to, message, error=error, result=result).state
+
     job = jobs.get(job_id)
     if job.state.terminal:
         log.info("job %s already %s; nothing to run", job_id, job.state.value)
         return job.state
+    attempt = jobs.redis.hincrby(jobs.job_key(job_id), ATTEMPTS, 1)
+    limit = max_attempts(stores)
+    if attempt > limit:
+        return finish(JobState.FAILED, error=f"gave up after {limit} attempts: each ended with its worker lost "
+                      "before the job finished (FASTSERVE_JOB_MAX_ATTEMPTS)")
     handler = _HANDLERS.get(job.job_type)
     if handler is None:
-        return jobs.transition(job_id, JobState.FAILED, error=f"no handler for job type {job.job_type!r}").state
+        return finish(JobState.FAILED, error=f"no handler for job type {job.job_type!r}")
+    published = jobs.redis.hget(jobs.job_key(job_id), PUBLISHED)
+    if published:
+        return finish(JobState.SUCCEEDED, "succeeded (published by an earlier attempt)", result=json.loads(published))
     if job.state is JobState.QUEUED:
         try:
             job = jobs.transition(job_id, JobState.RUNNING, "running")
         except FailedPrecondition:
             return jobs.get(job_id).state  # cancelled while queued
     else:
-        jobs.report(job_id, EventType.LOG, f"resuming after redelivery (was {job.state.value})")
-    ctx = JobContext(job, stores)
+        jobs.report(job_id, EventType.LOG, f"resuming after redelivery (was {job.state.value}; attempt "
+                    f"{attempt} of {limit})")
+    ctx = JobContext(job, stores, lease)
     try:
         ctx.check_cancelled()
         result = handler(ctx)
+    except (LeaseLost, redis.RedisError):
+        # Not the job's failure: the runner lost its lease or its store; the job's next runner resumes it.
+        raise LeaseLost(job_id) from None
     except JobCancelled:
-        return jobs.transition(job_id, JobState.CANCELLED, "cancelled").state
+        return finish(JobState.CANCELLED, "cancelled")
     except FastServeError as exc:
-        return jobs.transition(job_id, JobState.FAILED, error=exc.message).state
+        return finish(JobState.FAILED, error=exc.message)
     except Exception as exc:  # noqa: BLE001 - a job's failure is recorded, never lost
         log.exception("job %s failed", job_id)
-        return jobs.transition(job_id, JobState.FAILED, error=f"{type(exc).__name__}: {exc}").state
-    return jobs.transition(job_id, JobState.SUCCEEDED, "succeeded", result=result).state
+        # The job's error is read by clients: the gist of the exception, without server paths.
+        return finish(JobState.FAILED, error=f"internal error: {type(exc).__name__}: {error_gist(exc)} (the worker "
+                                             f"log has the traceback under job {job_id})")
+    return finish(JobState.SUCCEEDED, "succeeded", result=result)
 
 
 class ProgressMeter:

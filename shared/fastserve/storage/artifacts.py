@@ -28,7 +28,7 @@ from fastserve.runtime.errors import AlreadyExists, InvalidArgument, NotFound
 SCHEME = "artifact://"
 KINDS = ("corpora", "datasets", "tokenizers", "checkpoints", "models", "reports")
 MANIFEST = "manifest.json"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: `$` would let a final "\n" in
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def check_kind(kind: str, field_name: str = "kind") -> None:
 
 
 def check_name(name: str, field_name: str = "name") -> None:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise InvalidArgument(
             f"name {name!r} must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
             field=field_name)
@@ -142,7 +142,7 @@ class ArtifactStore:
     def _close_name(self, ref: ArtifactRef) -> str:
         """`; did you mean '<uri>'?` for the published name of `ref`'s kind closest to its name, or ''."""
         folder = self.root / ref.kind
-        names = [p.name for p in folder.iterdir() if _NAME.match(p.name) and not p.is_symlink() and _published(p)] \
+        names = [p.name for p in folder.iterdir() if _NAME.fullmatch(p.name) and not p.is_symlink() and _published(p)] \
             if folder.is_dir() else []
         close = difflib.get_close_matches(ref.name, names, n=1)
         return f"; did you mean '{SCHEME}{ref.kind}/{close[0]}/latest'?" if close else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -105,6 +106,13 @@ class ServiceClient:
                idempotent: bool) -> Any:
         return self._caller.unary(getattr(self._stub, method), request, self._caller.deadline(timeout, default),
                                   idempotent)
+
+    def _submit(self, method: str, request: Any, timeout: float | None) -> Any:
+        """A job submit, retried like an idempotent call: it carries a request id (a fresh one unless the
+        caller gave one), and the server returns the job an earlier try with that id created."""
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        return self._unary(method, request, timeout, SUBMIT, True)
 
     def _stream(self, method: str, request: Any, timeout: float | None, default: float | None) -> Iterator[Any]:
         return self._caller.stream(getattr(self._stub, method), request, self._caller.deadline(timeout, default))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from fastserve.client.calls import COMPUTE, SUBMIT, UPLOAD
+from fastserve.client.calls import COMPUTE, UPLOAD
 from fastserve.client.jobs import JobClient
 from fastserve.client.specs import clean_step, corpus_source, enum_value
 from fastserve.common.v1 import jobs_pb2
@@ -57,34 +57,36 @@ class PreprocessingClient(JobClient):
                                      add_special_tokens=add_special_tokens)
         return self._unary("Tokenize", request, timeout, COMPUTE, True)
 
-    def submit_clean_job(self, source: Source, steps: Steps, output_name: str, *,
+    def submit_clean_job(self, source: Source, steps: Steps, output_name: str, *, request_id: str = "",
                          timeout: float | None = None) -> jobs_pb2.Job:
-        request = pb.SubmitCleanJobRequest(source=corpus_source(source), steps=_steps(steps), output_name=output_name)
-        return self._unary("SubmitCleanJob", request, timeout, SUBMIT, False).job
+        request = pb.SubmitCleanJobRequest(source=corpus_source(source), steps=_steps(steps), output_name=output_name,
+                                           request_id=request_id)
+        return self._submit("SubmitCleanJob", request, timeout).job
 
     def train_tokenizer(self, source: Source, output_name: str, *, model: str | int = "bpe", vocab_size: int = 8000,
                         special_tokens: Sequence[str] = (), lowercase: bool = False, min_frequency: int = 0,
-                        timeout: float | None = None) -> jobs_pb2.Job:
+                        request_id: str = "", timeout: float | None = None) -> jobs_pb2.Job:
         request = pb.TrainTokenizerRequest(
             source=corpus_source(source), model=enum_value(pb.TokenizerModel, model, "model"), vocab_size=vocab_size,
             special_tokens=list(special_tokens), lowercase=lowercase, output_name=output_name,
-            min_frequency=min_frequency)
-        return self._unary("TrainTokenizer", request, timeout, SUBMIT, False).job
+            min_frequency=min_frequency, request_id=request_id)
+        return self._submit("TrainTokenizer", request, timeout).job
 
     def build_dataset(self, source: Source, tokenizer_uri: str, output_name: str, *, task: str | int = "causal_lm",
                       max_length: int = 0, validation_fraction: float | None = None, test_fraction: float = 0.0,
                       seed: int = 0, text_field: str = "", label_field: str = "", target_field: str = "",
-                      max_target_length: int = 0, timeout: float | None = None) -> jobs_pb2.Job:
+                      max_target_length: int = 0, request_id: str = "",
+                      timeout: float | None = None) -> jobs_pb2.Job:
         """Queue a dataset build; without `validation_fraction`, `test_fraction` and `seed` the server's
         default splits apply, and without `validation_fraction` alone its validation fraction."""
         request = pb.BuildDatasetRequest(
             source=corpus_source(source), tokenizer_uri=tokenizer_uri, task=enum_value(pb.DatasetTask, task, "task"),
             max_length=max_length, text_field=text_field, label_field=label_field, target_field=target_field,
-            output_name=output_name, max_target_length=max_target_length)
+            output_name=output_name, max_target_length=max_target_length, request_id=request_id)
         if validation_fraction is not None or test_fraction or seed:
             validation = DEFAULT_VALIDATION_FRACTION if validation_fraction is None else validation_fraction
             request.splits.CopyFrom(pb.Splits(validation_fraction=validation, test_fraction=test_fraction, seed=seed))
-        return self._unary("BuildDataset", request, timeout, SUBMIT, False).job
+        return self._submit("BuildDataset", request, timeout).job
 
 
 def _chunks(data: str | Path | bytes | Iterable[bytes]) -> Iterator[bytes]:

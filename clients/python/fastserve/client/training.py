@@ -21,10 +21,12 @@ class TrainingClient(JobClient):
                             model: str | pb.ArchitectureConfig | pb.ModelSpec, task: str | int = 0,
                             tokenizer_uri: str = "",
                             hyperparameters: pb.Hyperparameters | Mapping[str, Any] | None = None,
-                            num_processes: int = 0, timeout: float | None = None) -> jobs_pb2.Job:
+                            num_processes: int = 0, request_id: str = "",
+                            timeout: float | None = None) -> jobs_pb2.Job:
         """Queue a training job. `model` is a pretrained model's URI to fine-tune, or the architecture
         of a new one; `task` (`causal_lm`, ...) defaults to the dataset's; `hyperparameters` a message or
-        its fields by name (`{"max_steps": 100}`)."""
+        its fields by name (`{"max_steps": 100}`); `request_id` (default: a fresh one) makes retries of
+        the submit return the same job."""
         if isinstance(model, str):
             model = pb.ModelSpec(pretrained_uri=model)
         elif isinstance(model, pb.ArchitectureConfig):
@@ -34,8 +36,8 @@ class TrainingClient(JobClient):
         request = pb.SubmitTrainingJobRequest(
             model=model, task=enum_value(pb.TrainingTask, task, "task") if task else 0, dataset_uri=dataset_uri,
             tokenizer_uri=tokenizer_uri, hyperparameters=hyperparameters, output_name=output_name,
-            num_processes=num_processes)
-        return self._unary("SubmitTrainingJob", request, timeout, SUBMIT, False).job
+            num_processes=num_processes, request_id=request_id)
+        return self._submit("SubmitTrainingJob", request, timeout).job
 
     def resume_training_job(self, job_id: str, *, max_steps: int = 0, timeout: float | None = None) -> jobs_pb2.Job:
         """Queue a new job that goes on from the last checkpoint of a cancelled or failed one; `max_steps`

@@ -18,11 +18,17 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastserve.runtime.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from fastserve.runtime.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
 ARRIVAL_GAP = 0.002  # seconds without a new request after which a partial batch stops waiting
+# Upper bounds of a model's batching settings (documented on the proto's BatchingConfig and ModelConfig):
+# every worker is a thread and every queued request holds its tokens, so each must be bounded.
+MAX_INSTANCES = 8  # more workers than that only contend for the one compute thread
+MAX_BATCH_SIZE = 1024
+MAX_QUEUE_SIZE = 65536
+MAX_QUEUE_DELAY_US = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,15 @@ class BatchingSettings:
     max_queue_size: int = 1024  # queued requests
     instances: int = 1  # worker threads running batches
 
+    def check(self) -> None:
+        """Refuse settings out of their documented bounds, naming the ModelConfig field."""
+        for name, value, least, most in (("instances", self.instances, 1, MAX_INSTANCES),
+                                         ("batching.max_batch_size", self.max_batch_size, 1, MAX_BATCH_SIZE),
+                                         ("batching.max_queue_size", self.max_queue_size, 0, MAX_QUEUE_SIZE),
+                                         ("batching.max_queue_delay_us", self.max_queue_delay_us, 0,
+                                          MAX_QUEUE_DELAY_US)):
+            if not least <= value <= most:
+                raise InvalidArgument(f"{name} must be in [{least}, {most}], got {value}", field=f"config.{name}")
 
 
 @dataclass

@@ -7,6 +7,15 @@ samples, the scheduler takes the sampled tokens back, and the output processor (
 finds stop sequences and feeds each request's stream. A step's description and the runner's answer
 are plain data (step.py), so the runner can be replaced without touching scheduling.
 
+One request never hurts another: a failure in computing one sequence fails that sequence alone, with
+Finish.ERROR and a message its caller gets as an error status, while the others carry on. Its
+sampling row, its sampler, its encoder pass (model_runner.py, sampling.py) and its detokenizing
+(output_processor.py) are each its own. A failed packed forward pass is retried with each of its
+sequences alone, so that only a sequence that fails alone fails (a batch-wide fault, say out of device
+memory, then fails them one by one, and sequences not in that step are untouched). Only a failure
+outside all of these (a scheduler bug, a KV copy between device and host) fails every active
+sequence, with an error rather than a silent CANCELLED, and the engine serves on.
+
 Requests that cannot be queued (the engine is at `kv_slots + max_queue_size` sequences) are refused
 at once with RESOURCE_EXHAUSTED, so memory stays bounded under any load.
 """
@@ -25,7 +34,7 @@ from fastserve.services.inference.decoder import Decoder
 from fastserve.services.inference.generation_metrics import EngineMetrics
 from fastserve.services.inference.generation_settings import GenerationSettings
 from fastserve.services.inference.model_runner import ModelRunner
-from fastserve.services.inference.output_processor import OutputProcessor
+from fastserve.services.inference.output_processor import DECODE_FAILED, OutputProcessor
 from fastserve.services.inference.sampling_params import SamplingParams
 from fastserve.services.inference.scheduler import Scheduler
 from fastserve.services.inference.sequence import Sequence
@@ -102,9 +111,9 @@ class Engine:
                 # The whole step, scheduling included, is one hand-off to the compute thread (where the runner's
                 # torch work must run): as before the split, and measured no slower than handing off the runner alone.
                 on_compute_thread(self.step)
-            except Exception:  # noqa: BLE001 - fail the sequences in the step, keep serving the rest
+            except Exception as exc:  # noqa: BLE001 - the last resort (see the module docstring); serve on
                 log.exception("generation step failed in %s", self.name)
-                self.outputs.publish(self.scheduler.abort())
+                self.outputs.publish(self.scheduler.abort(f"the generation step failed ({type(exc).__name__})"))
 
     def step(self) -> None:
         step = self.scheduler.schedule()
@@ -114,8 +123,11 @@ class Engine:
             out = self.runner.execute(step)
             seconds = time.perf_counter() - start
         updates = self.scheduler.update_from_output(out)
-        for update in self.outputs.stopped(updates):  # stop sequences are text: the scheduler cannot see them
+        stops, failed = self.outputs.stopped(updates)  # stop sequences are text: the scheduler cannot see them
+        for update in stops:
             self.scheduler.stop(update)
+        for update in failed:
+            self.scheduler.fail(update, DECODE_FAILED)
         self.outputs.publish(updates)
         if step.sequences:
             self._count_step(len(step.sequences), len(out.seq_ids), seconds)

@@ -29,10 +29,28 @@ class EngineMetrics:
     """One engine's labelled series, looked up once rather than at every token."""
 
     def __init__(self, model: str, policy: str, levels: int) -> None:
-        labels = (model, policy)
+        labels = self.labels = (model, policy)
+        self.levels = levels
         self.tokens, self.occupancy = TOKENS.labels(*labels), OCCUPANCY.labels(*labels)
         self.step_seconds, self.preemptions = STEP_SECONDS.labels(*labels), PREEMPTIONS.labels(*labels)
         self.demotions, self.promotions = DEMOTIONS.labels(*labels), PROMOTIONS.labels(*labels)
         self.ttft, self.itl = TTFT.labels(*labels), ITL.labels(*labels)
         self.evictions = {to: EVICTIONS.labels(*labels, to) for to in ("host", "recompute")}
         self.queue_length = [QUEUE_LENGTH.labels(*labels, str(level)) for level in range(levels)]
+
+    def remove(self) -> None:
+        """Drop this engine's series from the registry (its model is unloaded), so that metrics do not grow
+        with every model ever served. The caller makes sure no other engine shares the labels."""
+        for metric in (TOKENS, OCCUPANCY, STEP_SECONDS, PREEMPTIONS, DEMOTIONS, PROMOTIONS, TTFT, ITL):
+            _remove(metric, *self.labels)
+        for to in ("host", "recompute"):
+            _remove(EVICTIONS, *self.labels, to)
+        for level in range(self.levels):
+            _remove(QUEUE_LENGTH, *self.labels, str(level))
+
+
+def _remove(metric, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:  # never observed
+        pass

@@ -11,6 +11,15 @@ from dataclasses import dataclass, field
 from fastserve.runtime.errors import InvalidArgument
 from fastserve.services.inference.scheduling import MlfqSettings
 
+MAX_CONTEXT = 2048  # tokens per slot; documented with the other bounds on the proto's GenerationConfig
+MAX_SEQUENCES = 1024  # max_batch_size, kv_slots
+MAX_QUEUE = 65536
+MAX_HOST_SLOTS = 4096
+MAX_PREFILL_TOKENS = 8192
+MAX_MLFQ_LEVELS = 16
+MAX_QUANTUM = 1 << 16
+MAX_STARVATION_MS = 3_600_000
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -31,19 +40,20 @@ class GenerationSettings:
 
     def window(self, max_positions: int) -> int:
         """Tokens per slot for a model whose window is `max_positions`."""
-        return min(self.context or max_positions, max_positions, 2048)
+        return min(self.context or max_positions, max_positions, MAX_CONTEXT)
 
     def check(self) -> None:
-        """Refuse settings no engine can run, naming the ModelConfig field."""
-        for name, value, least in (("batching.max_batch_size", self.max_batch_size, 1),
-                                   ("batching.max_queue_size", self.max_queue_size, 0),
-                                   ("generation.kv_slots", self.kv_slots, 0),
-                                   ("generation.context", self.context, 0),
-                                   ("generation.max_prefill_tokens", self.max_prefill_tokens, 1),
-                                   ("generation.host_slots", self.host_slots, -1),
-                                   ("generation.mlfq_levels", self.mlfq.levels, 1),
-                                   ("generation.mlfq_base_quantum", self.mlfq.base_quantum, 1),
-                                   ("generation.mlfq_starvation_ms", self.mlfq.starvation_ms, 1),
-                                   ("generation.mlfq_oldest_places", self.mlfq.oldest_places, 0)):
-            if value < least:
-                raise InvalidArgument(f"{name} must be at least {least}, got {value}", field=f"config.{name}")
+        """Refuse settings no engine can run, or out of their documented bounds, naming the ModelConfig field."""
+        for name, value, least, most in (
+                ("batching.max_batch_size", self.max_batch_size, 1, MAX_SEQUENCES),
+                ("batching.max_queue_size", self.max_queue_size, 0, MAX_QUEUE),
+                ("generation.kv_slots", self.kv_slots, 0, MAX_SEQUENCES),
+                ("generation.context", self.context, 0, MAX_CONTEXT),
+                ("generation.max_prefill_tokens", self.max_prefill_tokens, 1, MAX_PREFILL_TOKENS),
+                ("generation.host_slots", self.host_slots, -1, MAX_HOST_SLOTS),
+                ("generation.mlfq_levels", self.mlfq.levels, 1, MAX_MLFQ_LEVELS),
+                ("generation.mlfq_base_quantum", self.mlfq.base_quantum, 1, MAX_QUANTUM),
+                ("generation.mlfq_starvation_ms", self.mlfq.starvation_ms, 1, MAX_STARVATION_MS),
+                ("generation.mlfq_oldest_places", self.mlfq.oldest_places, 0, MAX_SEQUENCES)):
+            if not least <= value <= most:
+                raise InvalidArgument(f"{name} must be in [{least}, {most}], got {value}", field=f"config.{name}")

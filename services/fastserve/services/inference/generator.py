@@ -99,7 +99,7 @@ class Generator:
         return ids
 
     def submit(self, request: GenerationRequest) -> Sequence:
-        params = check_params(request.params)
+        params = request.params  # checked where the protocol built it (SamplingParams.validate)
         prompt = self.prompt_ids(request)
         room = self.context - (1 if self.encoder_decoder else len(prompt))  # the window left to generate into
         if not request.max_new_tokens_set:
@@ -126,24 +126,6 @@ class Generator:
 
     def drain(self) -> None:
         self.engine.drain()
-
-
-def check_params(p: SamplingParams) -> SamplingParams:
-    if p.max_new_tokens <= 0:
-        raise InvalidArgument(f"max_new_tokens must be at least 1, got {p.max_new_tokens}",
-                              field="sampling.max_new_tokens")
-    if p.temperature < 0:
-        raise InvalidArgument(f"temperature must be >= 0, got {p.temperature}", field="sampling.temperature")
-    if not 0 < p.top_p <= 1:
-        raise InvalidArgument(f"top_p must be in (0, 1], got {p.top_p}", field="sampling.top_p")
-    if p.top_k < 0:
-        raise InvalidArgument(f"top_k must be >= 0, got {p.top_k}", field="sampling.top_k")
-    if p.repetition_penalty <= 0:
-        raise InvalidArgument(f"repetition_penalty must be > 0, got {p.repetition_penalty}",
-                              field="sampling.repetition_penalty")
-    if any(not s for s in p.stop_sequences):
-        raise InvalidArgument("stop sequences must not be empty", field="sampling.stop_sequences")
-    return p
 
 
 def usage(seq: Sequence) -> Usage:

@@ -83,24 +83,77 @@ def _param(parameters, key: str, default):
     if key not in parameters:
         return default
     choice = parameters[key]
-    return getattr(choice, choice.WhichOneof("parameter_choice"))
+    kind = choice.WhichOneof("parameter_choice")
+    if kind is None:
+        raise InvalidArgument(f"parameter {key!r} has no value", field=f"parameters.{key}")
+    return getattr(choice, kind)
+
+
+def _int_param(parameters, key: str, default: int | None) -> int | None:
+    """An integer parameter: an int64/int32/uint64 one, or a string of an integer (as some clients send)."""
+    value = _param(parameters, key, default)
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise InvalidArgument(f"parameter {key!r} must be an integer, got {value!r}", field=f"parameters.{key}")
+
+
+def _float_param(parameters, key: str, default: float) -> float:
+    """A number parameter: a double or integer one, or a string of a number; range checks are
+    SamplingParams.validate's, which refuses what parses but is not finite ('nan')."""
+    value = _param(parameters, key, default)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    raise InvalidArgument(f"parameter {key!r} must be a number, got {value!r}", field=f"parameters.{key}")
+
+
+def _bool_param(parameters, key: str) -> bool:
+    value = _param(parameters, key, False)
+    if isinstance(value, bool):
+        return value
+    raise InvalidArgument(f"parameter {key!r} must be a bool, got {value!r}", field=f"parameters.{key}")
+
+
+def _stop_param(parameters) -> tuple[str, ...]:
+    """`stop`: one string, or a JSON list of strings."""
+    stop = _param(parameters, "stop", "")
+    message = "stop must be a string or a JSON list of strings"
+    if not isinstance(stop, str):
+        raise InvalidArgument(message, field="parameters.stop")
+    if not stop.startswith("["):
+        return (stop,) if stop else ()
+    try:
+        stops = json.loads(stop)
+    except (ValueError, RecursionError):  # RecursionError: a deeply nested list
+        raise InvalidArgument(message, field="parameters.stop") from None
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise InvalidArgument(message, field="parameters.stop")
+    return tuple(stops)
+
+
+# SamplingParams attributes by their KServe parameter names, for the field an error names.
+_FIELDS = {"max_new_tokens": "parameters.max_tokens", "stop_sequences": "parameters.stop",
+           **{a: f"parameters.{a}" for a in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")}}
 
 
 def _generation_request(request: kpb.ModelInferRequest, text: str, deadline: float | None) -> GenerationRequest:
     p, defaults = request.parameters, SamplingParams()
-    stop = str(_param(p, "stop", ""))
-    try:
-        stops = tuple(json.loads(stop)) if stop.startswith("[") else (stop,) if stop else ()
-    except ValueError:
-        raise InvalidArgument("stop must be a string or a JSON list of strings", field="parameters.stop") from None
-    seed = _param(p, "seed", None)
     params = SamplingParams(
-        max_new_tokens=int(_param(p, "max_tokens", defaults.max_new_tokens)),
-        temperature=float(_param(p, "temperature", 0.0)), top_k=int(_param(p, "top_k", 0)),
-        top_p=float(_param(p, "top_p", 1.0)), repetition_penalty=float(_param(p, "repetition_penalty", 1.0)),
-        seed=None if seed is None else int(seed), stop_sequences=stops)
+        max_new_tokens=_int_param(p, "max_tokens", defaults.max_new_tokens),
+        temperature=_float_param(p, "temperature", 0.0), top_k=_int_param(p, "top_k", 0),
+        top_p=_float_param(p, "top_p", 1.0), repetition_penalty=_float_param(p, "repetition_penalty", 1.0),
+        seed=_int_param(p, "seed", None), stop_sequences=_stop_param(p)).validate(_FIELDS)
     return GenerationRequest(text=text, params=params, max_new_tokens_set="max_tokens" in p,
-                             priority=int(_param(p, "priority", 0)), deadline=deadline)
+                             priority=_int_param(p, "priority", 0), deadline=deadline)
 
 
 def _text_response(model: LoadedModel, request_id: str, texts: list[str], final: bool | None = None):
@@ -156,8 +209,8 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         if self.repository.get(request.model_name, request.model_version).task == "generation":
             return self._generate(request, context)
         texts = _texts(request)
-        truncate = bool(_param(request.parameters, "truncate", False))
-        priority = int(_param(request.parameters, "priority", 0))
+        truncate = _bool_param(request.parameters, "truncate")
+        priority = _int_param(request.parameters, "priority", 0)
         result = self.core.run(request.model_name, request.model_version, texts, truncate, priority,
                                deadline_of(context), bind=lambda future: context.add_callback(future.cancel))
         model, out = result.model, result.outputs

@@ -7,10 +7,17 @@ then all its tokens, decode tokens and prefill chunks of many sequences, as one 
 in which attention reads each sequence's own slot (attention.py). It decides nothing: which
 sequences, slots and copies is the scheduler's, so another runner (say one replaying CUDA graphs over
 device-resident inputs) can take its place behind the same `execute`.
+
+A failure that belongs to one sequence fails that sequence alone (`RunnerOutput.failed`): its sampler
+or encoder pass, its row of sampling (sampling.py). A failed packed forward pass cannot say which
+sequence broke it, so each of its sequences runs again alone (positions are rewritten in place, so a
+rerun is idempotent; nothing was sampled yet); those that fail alone fail, the others go on. Only a
+failure outside these (a KV copy between device and host) leaves `execute` and fails the engine's step.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +25,10 @@ import torch
 from fastserve.services.inference.attention import CALL_COST, step_attention, step_cross_attention
 from fastserve.services.inference.decoder import Decoder
 from fastserve.services.inference.kv_cache import KVCache
-from fastserve.services.inference.sampling import Sampler, choose_tokens
-from fastserve.services.inference.step import RunnerOutput, SchedulerOutput
+from fastserve.services.inference.sampling import Sampler, SamplingError, choose_tokens
+from fastserve.services.inference.step import RunnerOutput, ScheduledSequence, SchedulerOutput
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -40,31 +49,57 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> RunnerOutput:
-        self._apply(step)
-        if not step.sequences:
-            return RunnerOutput()
-        return self._run(step)
+        out = RunnerOutput()
+        self._apply(step, out.failed)
+        sequences = [s for s in step.sequences if s.seq_id not in out.failed]
+        if sequences:
+            self._run_isolating(sequences, out)
+        return out
 
-    def _apply(self, step: SchedulerOutput) -> None:
+    def _apply(self, step: SchedulerOutput, failed: dict[int, str]) -> None:
         for seq_id in step.finished_ids:
             self.running.pop(seq_id, None)
             self.host.pop(seq_id, None)
         for new in step.new_sequences:
-            self.running[new.seq_id] = _Running(Sampler(new.params), list(new.token_ids), new.source)
+            try:
+                self.running[new.seq_id] = _Running(Sampler(new.params), list(new.token_ids), new.source)
+            except (RuntimeError, ValueError, OverflowError):  # torch refused its seed
+                log.warning("sequence %d cannot sample", new.seq_id, exc_info=True)
+                failed[new.seq_id] = "its sampling parameters cannot be used"
         for op in step.offloads:
             self.host[op.seq_id] = self.cache.offload(op.slot, op.length)
         for op in step.restores:
             self.cache.restore(op.slot, self.host.pop(op.seq_id))
         for op in step.encodes:
-            self.cache.write_cross(op.slot, self.decoder.encode(self.running[op.seq_id].source))
+            if op.seq_id in failed:
+                continue
+            try:
+                self.cache.write_cross(op.slot, self.decoder.encode(self.running[op.seq_id].source))
+            except Exception as exc:  # noqa: BLE001 - its own input failed; the others' slots are untouched
+                log.exception("encoding sequence %d failed", op.seq_id)
+                failed[op.seq_id] = f"the encoder pass failed ({type(exc).__name__})"
 
-    def _run(self, step: SchedulerOutput) -> RunnerOutput:
-        """One packed forward pass; the next token of each sequence whose pending tokens all ran."""
+    def _run_isolating(self, sequences: list[ScheduledSequence], out: RunnerOutput) -> None:
+        """`_run`, and on failure each sequence again alone, so that only those that fail alone fail."""
+        try:
+            self._run(sequences, out)
+        except Exception as exc:  # noqa: BLE001 - which sequence broke the pass is unknown
+            if len(sequences) == 1:
+                log.exception("the forward pass of sequence %d failed", sequences[0].seq_id)
+                out.failed[sequences[0].seq_id] = f"the model's forward pass failed ({type(exc).__name__})"
+                return
+            log.warning("a forward pass of %d sequences failed (%s); running each alone", len(sequences),
+                        type(exc).__name__)
+            for s in sequences:
+                self._run_isolating([s], out)
+
+    def _run(self, sequences: list[ScheduledSequence], out: RunnerOutput) -> None:
+        """One packed forward pass; adds to `out` the next token of each sequence whose pending tokens all
+        ran, or its sampling error. Adds nothing when it raises."""
         device = self.decoder.device
         ids, positions, slots = [], [], []
-        decode_rows, decode_slots, decode_lengths, prefills, last_rows = [], [], [], [], []
-        out = RunnerOutput()
-        for s in step.sequences:
+        decode_rows, decode_slots, decode_lengths, prefills, last_rows, sampled = [], [], [], [], [], []
+        for s in sequences:
             row, n = len(ids), len(s.token_ids)
             ids.extend(s.token_ids)
             positions.extend(range(s.start, s.start + n))
@@ -77,19 +112,22 @@ class ModelRunner:
                 prefills.append((row, n, s.slot, s.start))
             if s.sample:
                 last_rows.append(row + n - 1)
-                out.seq_ids.append(s.seq_id)
+                sampled.append(s.seq_id)
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
         ids_t, pos_t, slots_t = as_tensor(ids), as_tensor(positions), as_tensor(slots)
         attend = step_attention(self.decoder, self.cache, self.call_cost, slots_t, pos_t, decode_rows, decode_slots,
                                 decode_lengths, prefills)
         cross = step_cross_attention(self.decoder, self.cache, slots_t, decode_rows, prefills)
         hidden = self.decoder.forward(ids_t, pos_t, attend, cross)
-        if not out.seq_ids:
-            return out
+        if not sampled:
+            return
         logits = self.decoder.logits(hidden[as_tensor(last_rows)])
-        sampling = [self.running[seq_id] for seq_id in out.seq_ids]
+        sampling = [self.running[seq_id] for seq_id in sampled]
         tokens = choose_tokens(logits, [r.sampler for r in sampling], [r.tokens for r in sampling])
-        for r, token in zip(sampling, tokens, strict=True):
+        for seq_id, r, token in zip(sampled, sampling, tokens, strict=True):
+            if isinstance(token, SamplingError):
+                out.failed[seq_id] = str(token)
+                continue
             r.tokens.append(token)
+            out.seq_ids.append(seq_id)
             out.sampled_token_ids.append([token])
-        return out

@@ -5,34 +5,58 @@ sequences are text, so they are found here, where the tokenizer's `decode` is, a
 the scheduler to stop the sequence in the same step. Streams get each step's new tokens, then None;
 `text_stream` and `final_text` turn them into text that never contains a stop sequence (while
 streaming, the last characters that could still turn out to start one are held back until they cannot).
-No torch here.
+A sequence whose output cannot be processed (its detokenizing fails) fails alone: the engine ends it
+with ERROR and its caller gets the error; so does one the runner failed. No torch here.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from fastserve.runtime.errors import Cancelled, DeadlineExceeded
+from fastserve.runtime.errors import Cancelled, DeadlineExceeded, FastServeError
 from fastserve.services.inference.generation_metrics import EngineMetrics
 from fastserve.services.inference.sequence import Finish, Sequence, SequenceUpdate
 
+log = logging.getLogger(__name__)
+
 Decode = Callable[[list[int]], str]
+DECODE_FAILED = "the tokenizer could not decode the completion"
+
+
+def decoded(decode: Decode, ids: list[int]) -> str:
+    """`decode(ids)`, or a FastServeError (INTERNAL, with a message safe to show) when the tokenizer fails."""
+    try:
+        return decode(ids)
+    except Exception as exc:  # noqa: BLE001 - a tokenizer's failure on one completion is that completion's
+        log.warning("decoding %d tokens failed", len(ids), exc_info=True)
+        raise FastServeError(DECODE_FAILED) from exc
 
 
 class OutputProcessor:
     def __init__(self, decode: Decode, metrics: EngineMetrics) -> None:
         self.decode, self.metrics = decode, metrics
 
-    def stopped(self, updates: list[SequenceUpdate]) -> list[SequenceUpdate]:
-        """The updates whose new tokens complete one of their sequence's stop sequences."""
-        return [u for u in updates if u.token_ids and u.seq.params.stop_sequences and self._hits_stop(u.seq)]
+    def stopped(self, updates: list[SequenceUpdate]) -> tuple[list[SequenceUpdate], list[SequenceUpdate]]:
+        """(updates whose new tokens complete one of their sequence's stop sequences, updates whose stop
+        check failed): each sequence is checked on its own, so one that fails does not stop the others'."""
+        stops, failed = [], []
+        for u in updates:
+            if not (u.token_ids and u.seq.params.stop_sequences):
+                continue
+            try:
+                if self._hits_stop(u.seq):
+                    stops.append(u)
+            except FastServeError:
+                failed.append(u)
+        return stops, failed
 
     def _hits_stop(self, seq: Sequence) -> bool:
         stops = seq.params.stop_sequences
         # Only the tail can hold a new match; decoding it, not the whole completion, keeps this O(1) a token.
-        tail = self.decode(seq.generated[-(4 * max(map(len, stops)) + 8):])
+        tail = decoded(self.decode, seq.generated[-(4 * max(map(len, stops)) + 8):])
         return any(stop in tail for stop in stops)
 
     def publish(self, updates: list[SequenceUpdate]) -> None:
@@ -64,6 +88,8 @@ class Piece:
 
 
 def raise_if_cut_short(seq: Sequence, deadline: float | None) -> None:
+    if seq.finish is Finish.ERROR:
+        raise FastServeError(f"generation failed: {seq.error}")  # INTERNAL, for this sequence alone
     if seq.finish is Finish.CANCELLED:
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("the deadline passed before generation finished")
@@ -71,7 +97,7 @@ def raise_if_cut_short(seq: Sequence, deadline: float | None) -> None:
 
 
 def final_text(seq: Sequence, decode: Decode) -> str:
-    text = decode(seq.generated)
+    text = decoded(decode, seq.generated)
     if seq.finish is Finish.STOP:
         cuts = [text.find(s) for s in seq.params.stop_sequences if s in text]
         text = text[:min(cuts)] if cuts else text
@@ -92,7 +118,7 @@ def text_stream(seq: Sequence, decode: Decode, deadline: float | None) -> Iterat
             raise_if_cut_short(seq, deadline)
             text = final_text(seq, decode)
         else:
-            text = decode(seq.generated).rstrip("\ufffd")  # wait for a character's last bytes
+            text = decoded(decode, seq.generated).rstrip("\ufffd")  # wait for a character's last bytes
             text = text[:max(len(text) - hold, 0)] if stops else text
         ids = seq.generated[sent_ids:]
         if text.startswith(emitted) and (len(text) > len(emitted) or ids or ended):

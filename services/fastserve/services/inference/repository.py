@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import enum
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -26,15 +27,23 @@ from prometheus_client import Counter, Histogram
 
 from fastserve.models.encoders import EncoderBackend, OnnxBackend, TorchBackend, default_backend, open_backend
 from fastserve.models.kinds import default_task
-from fastserve.models.loading import ONNX, ONNX_FILE, error_gist, folder_errors, weights_format
+from fastserve.models.loading import ONNX, ONNX_FILE, folder_errors, weights_format
 from fastserve.models.refs import BUILTIN, BUILTIN_MODELS, resolve_dir
-from fastserve.runtime.errors import FailedPrecondition, FastServeError, InvalidArgument, NotFound, Unavailable
+from fastserve.runtime.errors import (
+    FailedPrecondition,
+    FastServeError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    error_gist,
+)
 from fastserve.services.inference.batcher import BatchingSettings, DynamicBatcher, Work
-from fastserve.services.inference.compute import on_compute_thread
+from fastserve.services.inference.compute import on_compute_thread, on_loader_thread
 from fastserve.services.inference.generation_settings import GenerationSettings
 from fastserve.services.inference.generator import GenerationRequest, Generator
 from fastserve.services.inference.sampling_params import SamplingParams
-from fastserve.storage.artifacts import ArtifactStore
+from fastserve.storage.artifacts import ArtifactStore, check_name
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +56,12 @@ BATCH_SIZE = Histogram("fastserve_inference_batch_size", "Inputs per executed ba
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 REQUESTS = Counter("fastserve_inference_requests", "Inference requests.", ["model", "version"])
 FAILURES = Counter("fastserve_inference_failures", "Inference requests that failed.", ["model", "version"])
+_SERIES = (QUEUE_SECONDS, COMPUTE_SECONDS, BATCH_SIZE, REQUESTS, FAILURES)
+
+# Model versions loaded, loading or draining at once (FAILED ones hold no weights and do not count):
+# FASTSERVE_INFERENCE_MAX_MODELS, this by default.
+MAX_MODELS = 16
+VERSION = re.compile(r"[A-Za-z0-9._-]{1,32}")  # numeric versions: ASCII digits only (see _version_key)
 
 
 class State(enum.StrEnum):
@@ -131,8 +146,9 @@ class LoadedModel:
 
 
 class ModelRepository:
-    def __init__(self, artifacts: ArtifactStore) -> None:
+    def __init__(self, artifacts: ArtifactStore, max_models: int = MAX_MODELS) -> None:
         self.artifacts = artifacts
+        self.max_models = max_models
         self.models: dict[str, dict[str, LoadedModel]] = {}
         self.lock = threading.RLock()
 
@@ -164,6 +180,8 @@ class ModelRepository:
         beside the one serving, which drains once the new one has taken over."""
         if not name:
             raise InvalidArgument("name is required", field="name")
+        check_name(name, "name")
+        check_version(version)
         folder, uri, found_version = self.resolve_uri(name, uri)
         version = version or found_version
         requested = self.served_settings(name) if settings is None else settings
@@ -176,6 +194,7 @@ class ModelRepository:
                 if current.state is State.LOADING:
                     raise Unavailable(f"model {name} version {version} is loading with other settings; load it "
                                       "again once it is READY")
+            self._check_room(name, version)
             beside = current is not None and current.state is State.READY
             if not beside:  # a FAILED or UNLOADING entry gives way to this load
                 self.models.setdefault(name, {})[version] = entry
@@ -185,8 +204,8 @@ class ModelRepository:
             if entry.settings.task == "generation":
                 entry.backend = _open_generator(f"{name}/{version}", folder, entry.settings)
             else:
-                entry.backend = on_compute_thread(open_backend, folder, entry.settings.backend, entry.settings.task,
-                                                  entry.settings.dtype)
+                entry.backend = on_loader_thread(open_backend, folder, entry.settings.backend, entry.settings.task,
+                                                 entry.settings.dtype)
                 entry.batcher = DynamicBatcher(f"{name}/{version}", _runner(entry.backend),
                                                entry.settings.batching, entry.observe)
                 encoded = entry.backend.encoder.encode(["warm up the model"], truncate=True)
@@ -207,6 +226,16 @@ class ModelRepository:
         log.info("model %s version %s READY (%s, %s, %s)", name, version, entry.backend.platform, entry.task, uri)
         self._retire_older(name, version)
         return entry
+
+    def _check_room(self, name: str, version: str) -> None:
+        """Refuse a load past `max_models` versions (under the lock). A new version of a served name replaces
+        its READY versions, so it counts only against the other names (and this name's other loads)."""
+        held = sum(1 for versions in self.models.values() for m in versions.values()
+                   if m.state is not State.FAILED and
+                   (m.name != name or (m.state is State.LOADING and m.version != version)))
+        if held >= self.max_models:
+            raise ResourceExhausted(f"{held} model versions are loaded, the most this server holds "
+                                    f"({self.max_models}, FASTSERVE_INFERENCE_MAX_MODELS); unload one first")
 
     def _failed(self, entry: LoadedModel, error: str, cause: BaseException | None = None) -> None:
         entry.state, entry.error = State.FAILED, error
@@ -245,11 +274,31 @@ class ModelRepository:
         _stop(model)
         with self.lock:
             versions = self.models.get(model.name, {})
-            if versions.get(model.version) is model:
+            removed = versions.get(model.version) is model
+            if removed:
                 del versions[model.version]
             if not versions:
                 self.models.pop(model.name, None)
+            if removed:
+                self._remove_series(model, list(versions.values()))
         log.info("model %s version %s unloaded", model.name, model.version)
+
+    @staticmethod
+    def _remove_series(model: LoadedModel, others: list[LoadedModel]) -> None:
+        """Drop an unloaded version's metric series (under the lock), unless another entry of the name still
+        uses them: one loaded again beside it with other settings shares (name, version); an engine's series
+        are labelled by name and policy, shared by every version with that policy."""
+        if not any(m.version == model.version for m in others):
+            for metric in _SERIES:
+                try:
+                    metric.remove(model.name, model.version)
+                except KeyError:  # never observed
+                    pass
+        if isinstance(model.backend, Generator):
+            metrics = model.backend.engine.metrics
+            if not any(isinstance(m.backend, Generator) and m.backend.engine.metrics.labels == metrics.labels
+                       for m in others):
+                metrics.remove()
 
     def unload(self, name: str, version: str = "") -> list[str]:
         with self.lock:
@@ -320,7 +369,7 @@ def _effective(folder: Path, requested: ModelSettings, label: str) -> ModelSetti
 
 
 def _open_generator(name: str, folder: Path, settings: ModelSettings) -> Generator:
-    generator = on_compute_thread(Generator, name, folder, settings.dtype, settings.generation)
+    generator = on_loader_thread(Generator, name, folder, settings.dtype, settings.generation)
     warm = generator.submit(GenerationRequest(token_ids=[0], params=SamplingParams(max_new_tokens=2),
                                               max_new_tokens_set=True))
     generator.complete(warm, time.monotonic() + 120)
@@ -347,8 +396,16 @@ def _runner(backend: EncoderBackend):
     return run
 
 
+def check_version(version: str, field: str = "version") -> None:
+    """An explicit serving version: 1-32 letters, digits, '.', '_' or '-' (empty: the artifact's)."""
+    if version and not VERSION.fullmatch(version):
+        raise InvalidArgument(f"version {version!r} must be 1-32 ASCII letters, digits, '.', '_' or '-'",
+                              field=field)
+
+
 def _version_key(version: str) -> tuple[int, str]:
-    return (int(version), "") if version.isdigit() else (-1, version)
+    # str.isdigit alone accepts '²' and '١', which int() refuses or reads as another number.
+    return (int(version), "") if version.isascii() and version.isdigit() else (-1, version)
 
 
 # Which version a request without one is told about when none is READY: a loading one (it will be

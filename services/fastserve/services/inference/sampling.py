@@ -2,15 +2,26 @@
 repetition penalty (the transformers definitions), reproducibly per request when it gives a seed.
 
 The model runner keeps one `Sampler` per running sequence; the parameters themselves are plain data
-in sampling_params.py, which the scheduler reads without importing torch."""
+in sampling_params.py, which the scheduler reads without importing torch.
+
+A row that cannot be sampled (NaN logits, or probabilities that are not finite after its penalty and
+temperature) is a `SamplingError` for that row alone: `choose_tokens` returns it in the row's place so
+the runner fails that sequence and keeps the batch's others."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from fastserve.services.inference.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class SamplingError(Exception):
+    """One row could not be sampled; the message is safe to show its caller."""
 
 
 @dataclass
@@ -37,6 +48,8 @@ class Sampler:
             logits = logits.clone()
             logits[index] = torch.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
         if p.temperature == 0.0:
+            if bool(torch.isnan(logits).any()):
+                raise SamplingError("the repetition penalty made the logits NaN")
             return int(logits.argmax())
         logits = logits / p.temperature
         if 0 < p.top_k < logits.numel():
@@ -49,10 +62,26 @@ class Sampler:
             logits = logits.clone()
             logits[order[drop]] = float("-inf")
         probs = logits.softmax(-1)
+        if not bool(torch.isfinite(probs).all()):  # multinomial would raise, or pick garbage
+            raise SamplingError("sampling produced non-finite probabilities (temperature or penalty out of range)")
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
-def choose_tokens(logits: torch.Tensor, samplers: list[Sampler], seen: list[list[int]]) -> list[int]:
-    """Next tokens for a batch of rows [n, vocab]: one argmax for the greedy rows, per row otherwise."""
+def choose_tokens(logits: torch.Tensor, samplers: list[Sampler], seen: list[list[int]]) -> list[int | SamplingError]:
+    """Next tokens for a batch of rows [n, vocab]: one argmax for the greedy rows, per row otherwise; a
+    row that fails is its SamplingError."""
     greedy = logits.argmax(-1).tolist()
-    return [greedy[i] if s.params.greedy else s.choose(logits[i].cpu(), seen[i]) for i, s in enumerate(samplers)]
+    nan_rows = torch.isnan(logits).any(-1).tolist()
+    tokens: list[int | SamplingError] = []
+    for i, s in enumerate(samplers):
+        if nan_rows[i]:
+            tokens.append(SamplingError("the model produced NaN logits for this sequence"))
+            continue
+        try:
+            tokens.append(greedy[i] if s.params.greedy else s.choose(logits[i].cpu(), seen[i]))
+        except SamplingError as exc:
+            tokens.append(exc)
+        except RuntimeError as exc:  # a torch kernel refused this row's values
+            log.warning("sampling one row failed", exc_info=True)
+            tokens.append(SamplingError(f"sampling failed ({type(exc).__name__})"))
+    return tokens

@@ -100,13 +100,18 @@ class Scheduler:
             end = seq.cached + chunk
             step.sequences.append(ScheduledSequence(seq.order, seq.slot, seq.cached, seq.tokens[seq.cached:end],
                                                     end == len(seq.tokens)))
-            seq.cached = end  # as the runner will have it: a failed step ends all sequences anyway
+            seq.cached = end  # as the runner will have it: a sequence it fails ends
         return step
 
     def update_from_output(self, out: RunnerOutput) -> list[SequenceUpdate]:
         """Take the step's sampled tokens; what changed, for the output processor (with the sequences that
         ended while scheduling)."""
         updates, self.ended = self.ended, []
+        for seq_id, error in out.failed.items():  # its own computation failed: it alone ends
+            seq = self.by_id[seq_id]
+            seq.error = error
+            self._finish(seq, Finish.ERROR)
+            updates.append(SequenceUpdate(seq, [], Finish.ERROR, sampled=False))
         for seq_id, sampled in zip(out.seq_ids, out.sampled_token_ids, strict=True):
             seq = self.by_id[seq_id]
             kept, finish = self._check_tokens(seq, sampled)
@@ -128,12 +133,22 @@ class Scheduler:
             self._finish(update.seq, Finish.STOP)
         update.finish = update.seq.finish = Finish.STOP
 
-    def abort(self) -> list[SequenceUpdate]:
-        """End every sequence (a step failed: which of them broke it is unknown)."""
+    def fail(self, update: SequenceUpdate, error: str) -> None:
+        """Processing the sequence's output failed (the output processor's detokenizing): it ends with
+        ERROR, also when the same step had ended it otherwise."""
+        if update.finish is None:
+            self._finish(update.seq, Finish.ERROR)
+        update.seq.error = error
+        update.finish = update.seq.finish = Finish.ERROR
+
+    def abort(self, error: str) -> list[SequenceUpdate]:
+        """End every sequence with ERROR: the step failed outside any one sequence's computation, so the
+        state of every cache is unknown (the last resort; see the engine)."""
         updates, self.ended = self.ended, []
         for seq in list(self.active):
-            self._finish(seq, Finish.CANCELLED)
-            updates.append(SequenceUpdate(seq, [], Finish.CANCELLED, sampled=False))
+            seq.error = error
+            self._finish(seq, Finish.ERROR)
+            updates.append(SequenceUpdate(seq, [], Finish.ERROR, sampled=False))
         return updates
 
     # --- inside a step -------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ class Finish(enum.StrEnum):
     STOP = "stop"
     EOS = "eos"
     CANCELLED = "cancelled"
+    ERROR = "error"  # computing this sequence failed; `Sequence.error` says how (its caller gets an error)
 
 
 @dataclass(eq=False)
@@ -47,6 +48,7 @@ class Sequence:
     running: bool = False  # ran in the latest step
     finished: float | None = None
     finish: Finish | None = None
+    error: str = ""  # with Finish.ERROR: what failed, safe to show the caller
     preemptions: int = 0
     cancelled: bool = False
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # lists of new ids, then None

@@ -55,8 +55,12 @@ def settings_from_proto(config: pb.ModelConfig) -> ModelSettings:
         raise InvalidArgument(f"unknown backend {config.backend}", field="config.backend")
     if config.task not in TASKS:
         raise InvalidArgument(f"unknown task {config.task}", field="config.task")
+    generation = generation_settings(config)
+    # Both, whatever the task (an unspecified one is the folder's): a bound is refused before weights load.
+    batching.check()
+    generation.check()
     return ModelSettings(backend=BACKENDS[config.backend], task=TASKS[config.task], dtype=config.dtype,
-                         batching=batching, generation=generation_settings(config))
+                         batching=batching, generation=generation)
 
 
 def generation_settings(config: pb.ModelConfig) -> GenerationSettings:
@@ -80,7 +84,7 @@ def generation_request(request: pb.GenerateRequest | pb.GenerateStreamRequest,
         max_new_tokens=s.max_new_tokens if s.HasField("max_new_tokens") else SamplingParams.max_new_tokens,
         temperature=s.temperature, top_k=s.top_k, top_p=s.top_p or 1.0,
         repetition_penalty=s.repetition_penalty or 1.0, seed=s.seed if s.HasField("seed") else None,
-        stop_sequences=tuple(s.stop_sequences), stop_token_ids=tuple(s.stop_token_ids))
+        stop_sequences=tuple(s.stop_sequences), stop_token_ids=tuple(s.stop_token_ids)).validate()
     prompt = request.WhichOneof("prompt")
     return GenerationRequest(text=request.text if prompt == "text" else None,
                              token_ids=list(request.token_ids.ids) if prompt == "token_ids" else None,
@@ -166,6 +170,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                                 dimension=int(result.outputs.shape[1]))
 
     def Classify(self, request: pb.ClassifyRequest, context):
+        if request.top_k < 0:
+            raise InvalidArgument(f"top_k must be >= 0 (0: all labels), got {request.top_k}", field="top_k")
         result = self.core.run(request.model, request.version, list(request.texts), request.truncate,
                                request.priority, deadline_of(context), "sequence_classification",
                                lambda future: context.add_callback(future.cancel))
@@ -208,7 +214,7 @@ def register(server: grpc.Server, stores: Stores) -> Sequence[str]:
     from fastserve.kserve.v2 import grpc_service_pb2, grpc_service_pb2_grpc
     from fastserve.services.inference.kserve import KServeServicer
 
-    core = Inference(ModelRepository(stores.artifacts))
+    core = Inference(ModelRepository(stores.artifacts, stores.config.inference_max_models))
     core.load_configured(stores.config)
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(core), server)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(core), server)

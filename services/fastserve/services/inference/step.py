@@ -80,3 +80,6 @@ class RunnerOutput:
 
     seq_ids: list[int] = field(default_factory=list)
     sampled_token_ids: list[list[int]] = field(default_factory=list)
+    # Sequences whose own computation failed this step (their sampling, their encoder pass, their forward
+    # pass run alone), each with what failed in words safe to show its caller; the others carry on.
+    failed: dict[int, str] = field(default_factory=dict)

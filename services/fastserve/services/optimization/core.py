@@ -48,12 +48,17 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
 BATCHED = 32
 PARITY_TEXTS = ["FastServe exports models to ONNX.", "A second, somewhat longer sentence checks padding too."]
 DEFAULT_BUDGET = 0.02  # relative quality loss accepted when the request sets none
+MAX_STEPS = 16
+# torch.onnx's dynamo exporter starts at opset 18 and its TorchScript fallback (export.py) stops at 20.
+OPSET_RANGE = (18, 20)
 
 
 def check_steps(steps: list[dict[str, Any]], target: str) -> None:
     """Refuse a pipeline that cannot run, naming the step field; ONNX steps follow an export."""
     if not steps:
         raise InvalidArgument("at least one step is required", field="steps")
+    if len(steps) > MAX_STEPS:
+        raise InvalidArgument(f"at most {MAX_STEPS} steps, got {len(steps)}", field="steps")
     onnx = False
     for i, step in enumerate(steps):
         field = f"steps[{i}]"
@@ -71,6 +76,10 @@ def check_steps(steps: list[dict[str, Any]], target: str) -> None:
                 raise InvalidArgument("the model is already ONNX", field=field)
             if step.get("precision") not in ("fp32", "fp16"):
                 raise InvalidArgument("ONNX export supports fp32 and fp16 weights", field=f"{field}.export.precision")
+            opset = step.get("opset") or OPSET_RANGE[0]
+            if not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
+                raise InvalidArgument(f"opset must be in [{OPSET_RANGE[0]}, {OPSET_RANGE[1]}] (0 = {OPSET_RANGE[0]}), "
+                                      f"got {opset}", field=f"{field}.export.opset")
             onnx = True
         elif step.get("type") == "quantize":
             method = step.get("method")
@@ -128,16 +137,16 @@ class Optimization:
                                   "encoder-decoder", field="model_uri")
         check_steps(params.get("steps", []), params.get("target", "cpu"))
         budget = params.get("max_relative_degradation", 0.0)
-        if budget < 0:
-            raise InvalidArgument("max_relative_degradation must be >= 0",
+        if not 0 <= budget <= 1:  # NaN fails too
+            raise InvalidArgument("max_relative_degradation must be in [0, 1]",
                                   field="quality_budget.max_relative_degradation")
         if kind != ENCODER and params.get("eval_dataset_uri"):
             self._eval_rows(params["eval_dataset_uri"], kind)
         return source, kind
 
-    def submit(self, params: dict[str, Any]) -> Job:
+    def submit(self, params: dict[str, Any], request_id: str = "") -> Job:
         self.prepare(params)
-        return job_queue.submit(self.stores, SERVICE, JOB_TYPE, params)
+        return job_queue.submit(self.stores, SERVICE, JOB_TYPE, params, request_id)
 
     # -- running -------------------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ class OptimizationServicer(JobRpcs, optimization_pb2_grpc.OptimizationServiceSer
             "model_uri": request.model_uri, "steps": [step_params(s, i) for i, s in enumerate(request.steps)],
             "target": "cpu" if target == "unspecified" else target, "eval_dataset_uri": request.eval_dataset_uri,
             "max_relative_degradation": request.quality_budget.max_relative_degradation,
-            "force_promote": request.force_promote, "output_name": request.output_name})
+            "force_promote": request.force_promote, "output_name": request.output_name}, request.request_id)
         return pb.SubmitOptimizationJobResponse(job=job_to_proto(job))
 
     def GetReport(self, request: pb.GetReportRequest, context):

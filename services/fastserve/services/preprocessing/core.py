@@ -21,6 +21,7 @@ from fastserve.services.preprocessing.cleaning import CleaningPipeline, StepRepo
 from fastserve.services.preprocessing.corpus import (
     Corpus,
     UploadHeader,
+    capped,
     check_header,
     open_corpus,
     parse_upload,
@@ -68,6 +69,8 @@ class Preprocessing:
         seed, top, limit = int(spec.get("seed", 0)), int(spec.get("top_labels", 0)), int(spec.get("max_documents", 0))
         if top < 0 or limit < 0:
             raise InvalidArgument("top_labels and max_documents must be >= 0", field=field)
+        if not 0 <= seed < 2**32:
+            raise InvalidArgument("seed must be in [0, 2**32)", field=f"{field}.seed")
         artifact_name = f"builtin-{name}-seed{seed}-top{top}-max{limit}"
         uri = f"artifact://corpora/{artifact_name}/1"
         try:
@@ -90,7 +93,7 @@ class Preprocessing:
         received = [0]
 
         def counted() -> Iterator[bytes]:
-            for chunk in chunks:
+            for chunk in capped(chunks):
                 received[0] += len(chunk)
                 yield chunk
 
@@ -111,17 +114,17 @@ class Preprocessing:
 
     # -- jobs ----------------------------------------------------------------------------------
 
-    def submit_clean(self, params: dict[str, Any]) -> Job:
+    def submit_clean(self, params: dict[str, Any], request_id: str = "") -> Job:
         self._check_clean(params)
-        return job_queue.submit(self.stores, SERVICE, "preprocessing.clean", params)
+        return job_queue.submit(self.stores, SERVICE, "preprocessing.clean", params, request_id)
 
-    def submit_train_tokenizer(self, params: dict[str, Any]) -> Job:
+    def submit_train_tokenizer(self, params: dict[str, Any], request_id: str = "") -> Job:
         self._check_tokenizer(params)
-        return job_queue.submit(self.stores, SERVICE, "preprocessing.train_tokenizer", params)
+        return job_queue.submit(self.stores, SERVICE, "preprocessing.train_tokenizer", params, request_id)
 
-    def submit_build_dataset(self, params: dict[str, Any]) -> Job:
+    def submit_build_dataset(self, params: dict[str, Any], request_id: str = "") -> Job:
         self._check_dataset(params)
-        return job_queue.submit(self.stores, SERVICE, "preprocessing.build_dataset", params)
+        return job_queue.submit(self.stores, SERVICE, "preprocessing.build_dataset", params, request_id)
 
     def _check_clean(self, params: dict[str, Any]) -> tuple[Corpus, CleaningPipeline]:
         check_name(params.get("output_name", ""), "output_name")

@@ -12,6 +12,7 @@ import codecs
 import collections
 import csv
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,13 @@ from fastserve.storage.artifacts import ArtifactStore
 
 DOCUMENTS = "documents.jsonl"
 FORMATS = ("plain", "jsonl", "csv")
+# One line (a plain or JSONL document) or one CSV row, in characters: the parser holds one whole, so a
+# newline-free upload is refused at this size instead of filling memory.
+MAX_LINE_CHARS = 1024 * 1024
+# A whole upload, in bytes: it is written to the artifact store's disk as it streams.
+MAX_UPLOAD_BYTES = 8 * 1024**3
+# JSON nesting of one JSONL line: json.loads recurses once per level, so a deeper line is refused first.
+MAX_JSON_DEPTH = 64
 
 
 @dataclass
@@ -149,16 +157,74 @@ def decode_utf8(chunks: Iterable[bytes]) -> Iterator[str]:
         yield tail
 
 
-def lines(texts: Iterable[str]) -> Iterator[str]:
-    """Re-cut a stream of text pieces into lines (with their line ends)."""
-    pending = ""
+def lines(texts: Iterable[str], max_chars: int = MAX_LINE_CHARS) -> Iterator[str]:
+    """Re-cut a stream of text pieces into lines (with their line ends); a line over `max_chars` is refused.
+
+    The pieces of an unfinished line are kept in a list and joined once, at its end: appending each piece
+    to one string would copy the line again for every chunk."""
+    pending: list[str] = []
+    size = 0
+    number = 1
     for text in texts:
-        pending += text
-        *complete, pending = pending.split("\n")
-        for line in complete:
-            yield line + "\n"
+        start = 0
+        while (newline := text.find("\n", start)) >= 0:
+            if size + newline - start > max_chars:
+                _too_long(number, max_chars)
+            yield "".join(pending) + text[start:newline + 1]
+            pending, size, number, start = [], 0, number + 1, newline + 1
+        if start < len(text):
+            size += len(text) - start
+            if size > max_chars:
+                _too_long(number, max_chars)
+            pending.append(text[start:])
     if pending:
-        yield pending
+        yield "".join(pending)
+
+
+def _too_long(number: int, max_chars: int) -> None:
+    raise InvalidArgument(f"line {number} is longer than {max_chars} characters (one document per line)",
+                          field="chunk")
+
+
+def capped(chunks: Iterable[bytes], max_bytes: int = MAX_UPLOAD_BYTES) -> Iterator[bytes]:
+    """The chunks, refusing the upload once it passes `max_bytes`."""
+    received = 0
+    for chunk in chunks:
+        received += len(chunk)
+        if received > max_bytes:
+            raise InvalidArgument(f"the upload is larger than {max_bytes} bytes", field="chunk")
+        yield chunk
+
+
+_JSON_SPECIAL = re.compile(r'[\[\]{}"\\]')
+
+
+def json_depth_exceeds(line: str, max_depth: int = MAX_JSON_DEPTH) -> bool:
+    """Whether a JSON text nests arrays and objects deeper than `max_depth`, by one linear scan that skips
+    strings. An invalid text may get either answer: json.loads refuses it afterwards."""
+    if line.count("[") + line.count("{") <= max_depth:
+        return False
+    depth = 0
+    in_string = False
+    escaped_at = -1
+    for match in _JSON_SPECIAL.finditer(line):
+        at, char = match.start(), match.group()
+        if at == escaped_at:
+            continue
+        if in_string:
+            if char == "\\":
+                escaped_at = at + 1
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > max_depth:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
 
 
 def parse_upload(header: UploadHeader, chunks: Iterable[bytes]) -> Iterator[dict[str, str]]:
@@ -188,6 +254,8 @@ def _jsonl(header: UploadHeader, stream: Iterator[str]) -> Iterator[dict[str, st
     for number, line in enumerate(stream, 1):
         if not line.strip():
             continue
+        if json_depth_exceeds(line):
+            raise InvalidArgument(f"line {number} nests JSON deeper than {MAX_JSON_DEPTH} levels", field="chunk")
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -198,15 +266,30 @@ def _jsonl(header: UploadHeader, stream: Iterator[str]) -> Iterator[dict[str, st
 
 
 def _csv(header: UploadHeader, stream: Iterator[str]) -> Iterator[dict[str, str]]:
-    reader = csv.DictReader(stream)
-    columns = reader.fieldnames or []
-    for key in ("text_field", "label_field", "target_field"):
-        name = getattr(header, key)
-        if name and name not in columns:
-            raise InvalidArgument(f"the CSV header has no column {name!r} (columns: {', '.join(columns)})",
-                                  field=f"header.{key}")
-    for number, row in enumerate(reader, 2):
-        yield _record(header, row, f"row {number}")
+    # A quoted field may hold line breaks, so a row can span lines: the characters read since the last row
+    # are counted to bound a row as a line is bounded.
+    read = [0]
+
+    def counted() -> Iterator[str]:
+        for line in stream:
+            read[0] += len(line)
+            if read[0] > MAX_LINE_CHARS:
+                raise InvalidArgument(f"a CSV row is longer than {MAX_LINE_CHARS} characters", field="chunk")
+            yield line
+
+    reader = csv.DictReader(counted())
+    try:
+        columns = reader.fieldnames or []
+        for key in ("text_field", "label_field", "target_field"):
+            name = getattr(header, key)
+            if name and name not in columns:
+                raise InvalidArgument(f"the CSV header has no column {name!r} (columns: {', '.join(columns)})",
+                                      field=f"header.{key}")
+        for number, row in enumerate(reader, 2):
+            read[0] = 0
+            yield _record(header, row, f"row {number}")
+    except csv.Error as exc:  # a field over csv's size limit, a stray quote
+        raise InvalidArgument(f"the CSV is malformed near line {reader.line_num}: {exc}", field="chunk") from None
 
 
 def check_header(header: UploadHeader) -> None:

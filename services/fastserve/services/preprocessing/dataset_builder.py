@@ -61,6 +61,12 @@ class DatasetSpec:
             if getattr(self, key) not in CORPUS_FIELDS:
                 raise InvalidArgument(f"the corpus has no field {getattr(self, key)!r}; corpora hold "
                                       f"{', '.join(CORPUS_FIELDS)}", field=key)
+        if not 0 <= self.seed < 2**32:  # numpy's generators take 32-bit seeds
+            raise InvalidArgument("seed must be in [0, 2**32)", field="splits.seed")
+        if self.task == "sequence_classification" and self.label_field == self.text_field:
+            raise InvalidArgument("label_field must differ from text_field", field="label_field")
+        if self.task == "seq2seq" and self.target_field == self.text_field:
+            raise InvalidArgument("target_field must differ from text_field", field="target_field")
         documents = corpus_stats["documents"]
         if self.task == "sequence_classification" and corpus_stats["with_label"] < documents:
             raise InvalidArgument(f"{documents - corpus_stats['with_label']} of {documents} documents have no label",

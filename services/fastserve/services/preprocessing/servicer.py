@@ -69,7 +69,7 @@ class PreprocessingServicer(JobRpcs, preprocessing_pb2_grpc.PreprocessingService
 
     def SubmitCleanJob(self, request: pb.SubmitCleanJobRequest, context):
         job = self.core.submit_clean({"source": source_params(request.source), "steps": steps_params(request.steps),
-                                      "output_name": request.output_name})
+                                      "output_name": request.output_name}, request.request_id)
         return pb.SubmitCleanJobResponse(job=job_to_proto(job))
 
     def TrainTokenizer(self, request: pb.TrainTokenizerRequest, context):
@@ -78,7 +78,7 @@ class PreprocessingServicer(JobRpcs, preprocessing_pb2_grpc.PreprocessingService
             "model": enum_name(pb.TokenizerModel, request.model, "TOKENIZER_MODEL_"),
             "vocab_size": request.vocab_size, "special_tokens": list(request.special_tokens),
             "lowercase": request.lowercase, "min_frequency": request.min_frequency,
-            "output_name": request.output_name})
+            "output_name": request.output_name}, request.request_id)
         return pb.TrainTokenizerResponse(job=job_to_proto(job))
 
     def Tokenize(self, request: pb.TokenizeRequest, context):
@@ -94,7 +94,7 @@ class PreprocessingServicer(JobRpcs, preprocessing_pb2_grpc.PreprocessingService
             "task": enum_name(pb.DatasetTask, request.task, "DATASET_TASK_"),
             "max_length": request.max_length or DEFAULT_MAX_LENGTH, "max_target_length": request.max_target_length,
             "splits": splits, "text_field": request.text_field, "label_field": request.label_field,
-            "target_field": request.target_field, "output_name": request.output_name})
+            "target_field": request.target_field, "output_name": request.output_name}, request.request_id)
         return pb.BuildDatasetResponse(job=job_to_proto(job))
 
 

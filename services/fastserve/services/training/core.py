@@ -87,13 +87,14 @@ class Training:
             return torch.cuda.get_device_properties(0).total_memory
         return psutil.virtual_memory().total
 
-    def submit(self, params: dict[str, Any]) -> Job:
+    def submit(self, params: dict[str, Any], request_id: str = "") -> Job:
         prepared = self.prepare(params)
         # The job records the task it trains, also when it was the dataset's, and the dataset version it
         # reads (not `latest`): its params then say what it did, and a resume of it (after a cancel or a
         # lost worker) reads the same data from the checkpoint's position.
         return job_queue.submit(self.stores, SERVICE, JOB_TYPE, {**params, "task": prepared.spec.task,
-                                                                 "dataset_uri": prepared.dataset.ref.uri})
+                                                                 "dataset_uri": prepared.dataset.ref.uri},
+                                request_id)
 
     def resume(self, job_id: str, max_steps: int = 0) -> Job:
         """Queue a new job with the params of cancelled or failed job `job_id` that starts from its last

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fastserve.runtime.errors import FastServeError
+from fastserve.runtime.errors import FastServeError, error_gist
 from fastserve.runtime.job_runner import JobCancelled, JobContext, job_handler
 from fastserve.services.training import distributed
 from fastserve.services.training.core import JOB_TYPE, Prepared, Training
 from fastserve.services.training.trainer import Stopped
 
+log = logging.getLogger(__name__)
+
 
 class JobHooks:
     """Trainer hooks that report to the job store: METRICS events (with the progress), checkpoints as
-    ARTIFACT events, and the job's cancel flag (read at most every `poll` seconds)."""
+    ARTIFACT events, and the job's cancel flag (read at most every `poll` seconds). A runner that lost
+    its lease stops too, at once: the trainer then checkpoints, and the job's next runner resumes there."""
 
     def __init__(self, ctx: JobContext, core: Training, poll: float = 0.25) -> None:
         self.ctx, self.core, self.poll = ctx, core, poll
@@ -32,6 +36,8 @@ class JobHooks:
         self.ctx.metrics(message, fraction=step / total, **metrics)
 
     def should_stop(self) -> bool:
+        if self.ctx.lease_lost:
+            return True
         now = time.monotonic()
         if not self._stop and now - self._checked >= self.poll:
             self._checked, self._stop = now, self.ctx.stores.jobs.cancel_requested(self.ctx.job.job_id)
@@ -56,9 +62,13 @@ def train_and_publish(core: Training, prepared: Prepared, ctx: JobContext, rank:
         raise
     except Exception as exc:
         last = core.latest_checkpoint(job_id)
-        raise FastServeError(f"{type(exc).__name__}: {exc} (last checkpoint: "
+        log.exception("training job %s failed", job_id)
+        raise FastServeError(f"{type(exc).__name__}: {error_gist(exc)} (last checkpoint: "
                              f"{'artifact://checkpoints/' + job_id + '/' + last.name if last else 'none'})") from exc
-    return core.publish_model(prepared, model, outcome, job_id) if rank == 0 else None
+    if rank != 0:
+        return None
+    # Once per job: a runner lost after publishing leaves the result for its successor to end with.
+    return ctx.publish_once(lambda: core.publish_model(prepared, model, outcome, job_id))
 
 
 @job_handler(JOB_TYPE)

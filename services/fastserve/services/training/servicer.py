@@ -54,7 +54,8 @@ class TrainingServicer(JobRpcs, training_pb2_grpc.TrainingServiceServicer):
         self.core = Training(stores)
 
     def SubmitTrainingJob(self, request: pb.SubmitTrainingJobRequest, context):
-        return pb.SubmitTrainingJobResponse(job=job_to_proto(self.core.submit(request_params(request))))
+        job = self.core.submit(request_params(request), request.request_id)
+        return pb.SubmitTrainingJobResponse(job=job_to_proto(job))
 
     def ResumeTrainingJob(self, request: pb.ResumeTrainingJobRequest, context):
         if not request.job_id:

@@ -6,6 +6,7 @@ turns them into these dataclasses, and `check` refuses anything out of range, na
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -173,7 +174,9 @@ def _check_hyper(h: Hyperparameters) -> None:
         ("gradient_accumulation_steps", 1 <= h.gradient_accumulation_steps <= 1024, "must be in [1, 1024]"),
         ("max_steps", 0 <= h.max_steps <= 10**9, "must be in [0, 1e9]"),
         ("epochs", 0 <= h.epochs <= 10**4, "must be in [0, 10000]"),
-        ("max_grad_norm", h.max_grad_norm >= 0, "must be >= 0"),
+        ("max_grad_norm", 0 <= h.max_grad_norm < math.inf, "must be finite and >= 0 (0 = no clipping)"),
+        # torch and numpy seed generators take 32 bits; a larger seed would fail on the worker.
+        ("seed", 0 <= h.seed < 2**32, "must be in [0, 2**32)"),
         ("precision", h.precision in PRECISIONS, "must be fp32, bf16 or fp16"),
         ("eval_interval_steps", h.eval_interval_steps >= 0, "must be >= 0"),
         ("checkpoint_interval_steps", h.checkpoint_interval_steps >= 1, "must be >= 0"),
