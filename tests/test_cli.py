@@ -154,7 +154,8 @@ def test_load_generate_and_unload(fastserve, gpt_server):
         # The server's field is sampling.temperature; the user typed --temperature.
         bad = fastserve("generate", "x", "--model", "gpt", "--temperature", "-1")
         assert bad.returncode == 1
-        assert bad.stderr == "INVALID_ARGUMENT: temperature must be >= 0, got -1.0 (option --temperature)\n"
+        assert bad.stderr == "INVALID_ARGUMENT: temperature must be 0 (greedy) or in [0.001, 100], got -1.0 " \
+                         "(option --temperature)\n"
     finally:
         assert fastserve("models", "unload", "gpt").returncode == 0
     assert "gpt" not in [m["name"] for m in json.loads(fastserve("models", "list", "--json").stdout)]

@@ -383,7 +383,6 @@ class JobStore:
         job = self._get(job_id)
         if job.state.terminal:
             raise FailedPrecondition(f"job {job_id} already ended {job.state.value}")
-        self.redis.hset(self.job_key(job_id), "cancel_requested", 1)
         message = f"cancel requested{': ' + reason if reason else ''}"
         try:
             if job.state is JobState.QUEUED:
@@ -392,7 +391,12 @@ class JobStore:
                 self._transition(job_id, JobState.CANCELLING, message)
         except FailedPrecondition:
             pass  # the worker moved it meanwhile; the flag still stops it
-        return self._get(job_id)
+        # The reply is read before the flag is raised: the worker stops only once it sees the flag, so the
+        # reply says what this call did (CANCELLING), not what the worker did a moment after it.
+        reply = self._get(job_id)
+        self.redis.hset(self.job_key(job_id), "cancel_requested", 1)
+        reply.cancel_requested = True
+        return reply
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(self.job_key(job_id), "cancel_requested") == "1"

@@ -91,29 +91,25 @@ def _param(parameters, key: str, default):
 
 def _int_param(parameters, key: str, default: int | None) -> int | None:
     """An integer parameter: an int64/int32/uint64 one, or a string of an integer (as some clients send)."""
-    value = _param(parameters, key, default)
-    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    raise InvalidArgument(f"parameter {key!r} must be an integer, got {value!r}", field=f"parameters.{key}")
+    return _number_param(parameters, key, default, int, (int,), "an integer")
 
 
 def _float_param(parameters, key: str, default: float) -> float:
     """A number parameter: a double or integer one, or a string of a number; range checks are
     SamplingParams.validate's, which refuses what parses but is not finite ('nan')."""
+    return _number_param(parameters, key, default, float, (int, float), "a number")
+
+
+def _number_param(parameters, key: str, default, parse, kinds: tuple[type, ...], what: str):
     value = _param(parameters, key, default)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if value is None or (isinstance(value, kinds) and not isinstance(value, bool)):
+        return value if value is None else parse(value)
     if isinstance(value, str):
         try:
-            return float(value.strip())
+            return parse(value.strip())
         except ValueError:
             pass
-    raise InvalidArgument(f"parameter {key!r} must be a number, got {value!r}", field=f"parameters.{key}")
+    raise InvalidArgument(f"parameter {key!r} must be {what}, got {value!r}", field=f"parameters.{key}")
 
 
 def _bool_param(parameters, key: str) -> bool:
