@@ -66,6 +66,8 @@ def test_client_settings_read_the_same_variables_as_the_stack():
     ("FASTSERVE_WORKER_MEMORY_GB", "-inf"),
     ("FASTSERVE_INFERENCE_MAX_MODELS", "0"),
     ("FASTSERVE_INFERENCE_MAX_MODELS", "1025"),
+    ("FASTSERVE_INFERENCE_KV_CACHE_GB", "0"),
+    ("FASTSERVE_INFERENCE_KV_CACHE_GB", "nan"),
 ])
 def test_out_of_range_setting_names_the_variable(env, value):
     with pytest.raises(InvalidArgument) as info:

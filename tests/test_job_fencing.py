@@ -55,6 +55,20 @@ def _publish(ctx: JobContext) -> dict:
     return result
 
 
+_staged_at_start: dict[str, list[str]] = {}
+
+
+@job_handler("test.fence.stage")
+def _stage(ctx: JobContext) -> dict:
+    staging = ctx.stores.artifacts.root / ".staging" / ctx.job.job_id
+    _staged_at_start[ctx.job.job_id] = sorted(p.name for p in staging.iterdir()) if staging.exists() else []
+    with ctx.stores.artifacts.publish("models", f"s-{ctx.job.job_id}") as draft:
+        assert draft.path.parent == staging  # the job's drafts stage in its own folder
+        (draft.path / "weights").write_text("w")
+    ctx.stores.artifacts.scratch("left-behind-")  # a handler's scratch it forgot: removed when the job ends
+    return {"uri": draft.ref.uri}
+
+
 @pytest.fixture
 def short_lease(config) -> Stores:
     return Stores.from_config(dataclasses.replace(config, job_lease_seconds=0.6))
@@ -128,6 +142,43 @@ def test_a_redelivered_job_publishes_its_artifact_once(stores):
     assert _publishes[job_id] == 1
     assert stores.artifacts.versions("models", f"m-{job_id}") == [1]
     assert job.result == {"uri": f"artifact://models/m-{job_id}/1"}
+
+
+def test_a_killed_attempts_half_written_drafts_are_removed(stores):
+    job_id = _running(stores, "test.fence.stage")
+    stores.jobs.transition(job_id, JobState.RUNNING)
+    # What an attempt whose worker was SIGKILLed mid-publish leaves: a draft nothing else removes.
+    draft = stores.for_job(job_id).artifacts.scratch("models-s-")
+    (draft / "weights.partial").write_bytes(b"\0" * 1024)
+    assert job_runner.run(stores, job_id) is JobState.SUCCEEDED
+    assert _staged_at_start[job_id] == []  # cleared before the next attempt ran
+    assert not (stores.artifacts.root / ".staging" / job_id).exists()  # and nothing left after it
+    assert stores.artifacts.versions("models", f"s-{job_id}") == [1]
+
+
+def test_distributed_ranks_are_stopped_when_the_lease_is_lost(short_lease):
+    import subprocess
+    import sys
+
+    from fastserve.runtime.job_lease import LeaseLost
+    from fastserve.services.training.distributed import _wait
+
+    stores = short_lease
+    job_id = _running(stores, "test.fence.loop")
+    lease = JobLease(stores.jobs, job_id, stores.config.job_lease_seconds)
+    assert lease.acquire()
+    ranks = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    try:
+        stores.jobs.redis.set(stores.jobs.job_key(job_id, "lease"), "another-runner", px=60_000)
+        started = time.monotonic()
+        with pytest.raises(LeaseLost):
+            _wait(ranks, JobContext(stores.jobs.get(job_id), stores, lease), poll=0.05)
+        assert time.monotonic() - started < 0.6  # before the lost lease's TTL would have run out
+        assert all(r.poll() is not None for r in ranks)
+    finally:
+        for r in ranks:
+            r.kill()
+        lease.release()
 
 
 def test_a_submit_with_a_used_request_id_returns_the_same_job(stores):

@@ -197,3 +197,22 @@ def test_loading_a_model_does_not_stall_the_others_inference(repository):
     assert repository.get("big").state is State.READY
     assert during and max(during) < max(0.2, 4 * alone), (alone, during)
     repository.unload("big")
+
+
+def test_the_kv_cache_of_a_model_is_bounded_as_a_whole(repository):
+    """Each setting has its bound, but slots × context × the model's size is what takes memory: a load
+    whose cache (resident plus host slots) exceeds FASTSERVE_INFERENCE_KV_CACHE_GB is refused before it
+    allocates. The tiny GPT's slot is 256 KiB (2 layers × 4 heads × 16 × 256 positions, keys and values)."""
+    import dataclasses
+
+    from fastserve.services.inference.generation_settings import GenerationSettings
+
+    bounded = ModelRepository(repository.artifacts, max_kv_bytes=4 * 2**20)
+    with pytest.raises(InvalidArgument) as error:  # the defaults: 32 resident + 32 host slots = 16 MiB
+        bounded.load("kv", "artifact://models/tiny-gpt/latest")
+    assert error.value.violations[0].field == "config.generation.kv_slots"
+    assert "0.02 GiB (32 resident + 32 host slots of 0.2 MiB)" in error.value.message
+    assert "FASTSERVE_INFERENCE_KV_CACHE_GB" in error.value.message
+    small = dataclasses.replace(ModelSettings(), generation=GenerationSettings(max_batch_size=4, host_slots=4))
+    assert bounded.load("kv", "artifact://models/tiny-gpt/latest", settings=small).state is State.READY
+    bounded.unload("kv")

@@ -5,6 +5,7 @@ and the KServe v2 generation paths."""
 from __future__ import annotations
 
 import functools
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -289,8 +290,14 @@ def test_kserve_text_input_to_text_output_unary_and_streamed(stub, kserve):
     assert output_text(kserve.ModelInfer(kserve_request("gpt2", PROMPTS[2], max_tokens=24))) == expected
     meta = kserve.ModelMetadata(kpb.ModelMetadataRequest(name="gpt2"))
     assert [i.name for i in meta.inputs] == ["text_input"] and [o.name for o in meta.outputs] == ["text_output"]
-    responses = list(kserve.ModelStreamInfer(iter([kserve_request("gpt2", PROMPTS[2], max_tokens=24),
+    # A message the boundary refuses (a NaN) is answered in the stream, as one the model refuses is, and
+    # the stream reads on: the request after it generates.
+    responses = list(kserve.ModelStreamInfer(iter([kserve_request("gpt2", PROMPTS[2], temperature=math.nan),
+                                                   kserve_request("gpt2", PROMPTS[2], max_tokens=24),
                                                    kserve_request("gpt2", PROMPTS[2], temperature=-1.0)])))
+    assert "InvalidArgument" in responses[0].error_message and "temperature" in responses[0].error_message
+    assert "finite" in responses[0].error_message
+    responses = responses[1:]
     chunks = [r for r in responses if not r.error_message]
     assert "".join(output_text(r.infer_response) for r in chunks) == expected
     finals = [r.infer_response.parameters["triton_final_response"].bool_param for r in chunks]

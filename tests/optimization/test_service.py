@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import grpc
@@ -15,6 +16,7 @@ from fastserve.optimization.v1 import optimization_pb2 as pb
 from fastserve.optimization.v1 import optimization_pb2_grpc
 from fastserve.runtime.config import Config
 from fastserve.runtime.stores import Stores
+from fastserve.services.optimization.core import MAX_STEPS
 from tests.conftest import private_env
 from tests.support.processes import service_with_worker
 from tests.support.rpc import field_of
@@ -129,6 +131,37 @@ def test_bad_requests(svc, steps, target, field):
     with pytest.raises(grpc.RpcError) as info:
         stub.SubmitOptimizationJob(pb.SubmitOptimizationJobRequest(model_uri=MINILM, steps=steps, target=target,
                                                                    output_name="x"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_of(info.value) == field
+    assert stores.jobs.list("optimization").total_size == before
+
+
+@pytest.mark.parametrize("request_fields, field", [
+    ({"steps": [pb.OptimizationStep(export=pb.ExportStep(format=pb.EXPORT_FORMAT_ONNX, opset=17))]},
+     "steps[0].export.opset"),
+    ({"steps": [pb.OptimizationStep(export=pb.ExportStep(format=pb.EXPORT_FORMAT_ONNX, opset=99))]},
+     "steps[0].export.opset"),
+    ({"steps": [EXPORT], "quality_budget": pb.QualityBudget(max_relative_degradation=math.nan)},
+     "quality_budget.max_relative_degradation"),
+    ({"steps": [EXPORT], "quality_budget": pb.QualityBudget(max_relative_degradation=2.0)},
+     "quality_budget.max_relative_degradation"),
+    ({"steps": [pb.OptimizationStep(prune=pb.PruneStep(method=pb.PRUNING_METHOD_MAGNITUDE_UNSTRUCTURED,
+                                                       sparsity=0.1))] * (MAX_STEPS + 1)}, "steps"),
+    ({"steps": [EXPORT], "target": 7}, "target"),
+    ({"steps": [EXPORT], "output_name": "bad\nname"}, "output_name"),
+])
+def test_what_a_worker_would_fail_on_is_refused_at_submit(svc, request_fields, field):
+    stub, stores = svc
+    before = stores.jobs.list("optimization").total_size
+    request = pb.SubmitOptimizationJobRequest(model_uri=MINILM, output_name="x")
+    for name, value in request_fields.items():
+        if isinstance(value, list):
+            getattr(request, name).extend(value)
+        elif name == "quality_budget":
+            request.quality_budget.CopyFrom(value)
+        else:
+            setattr(request, name, value)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.SubmitOptimizationJob(request)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_of(info.value) == field
     assert stores.jobs.list("optimization").total_size == before
 

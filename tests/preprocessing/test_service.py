@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import grpc
@@ -171,12 +172,19 @@ def test_bad_job_requests_queue_nothing(svc):
         (tiny.uri, pb.DATASET_TASK_SEQUENCE_CLASSIFICATION, pb.Splits(validation_fraction=0.05),
          "splits.validation_fraction"),
         (tiny.uri, pb.DATASET_TASK_CAUSAL_LM, pb.Splits(validation_fraction=0.5, test_fraction=0.5), "splits"),
+        (tiny.uri, pb.DATASET_TASK_CAUSAL_LM, pb.Splits(validation_fraction=0.2, seed=-1), "splits.seed"),
+        (tiny.uri, pb.DATASET_TASK_CAUSAL_LM, pb.Splits(validation_fraction=math.nan), "splits.validation_fraction"),
     ]:
         with pytest.raises(grpc.RpcError) as info:
             stub.BuildDataset(pb.BuildDatasetRequest(source=pb.CorpusSource(artifact_uri=uri), task=task,
                                                      tokenizer_uri="builtin://all-MiniLM-L6-v2", splits=splits,
                                                      output_name="ds"))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_of(info.value) == field
+    with pytest.raises(grpc.RpcError) as info:  # the label would be the text itself
+        stub.BuildDataset(pb.BuildDatasetRequest(source=pb.CorpusSource(artifact_uri=tiny.uri), label_field="text",
+                                                 task=pb.DATASET_TASK_SEQUENCE_CLASSIFICATION, output_name="ds",
+                                                 tokenizer_uri="builtin://all-MiniLM-L6-v2"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_of(info.value) == "label_field"
     assert stores.jobs.list("preprocessing").total_size == before
     assert stores.artifacts.versions("datasets", "ds") == []
 

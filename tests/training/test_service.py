@@ -225,9 +225,17 @@ def test_bad_requests_queue_nothing(stub, stores, datasets):
     bad_batch = gpt(datasets, batch_size=100000)
     heads = gpt(datasets)
     heads.model.architecture.num_heads = 5
+    # What a worker would have failed on, seen at submit (issue 15): non-finite and out-of-range numbers.
+    later = [(gpt(datasets, learning_rate=math.nan), "hyperparameters.learning_rate"),
+             (gpt(datasets, max_grad_norm=math.inf), "hyperparameters.max_grad_norm"),
+             (gpt(datasets, weight_decay=-1.0), "hyperparameters.weight_decay"),
+             (gpt(datasets, seed=-1), "hyperparameters.seed"),
+             (gpt(datasets, seed=2**40), "hyperparameters.seed"),
+             (gpt(datasets, steps=10**12), "hyperparameters.max_steps")]
     for request, field in [(unknown, "model.architecture.family"), (bert_lm, "model.architecture.family"),
                            (wrong_task, "task"), (bad_lr, "hyperparameters.learning_rate"),
-                           (bad_batch, "hyperparameters.batch_size"), (heads, "model.architecture.num_heads")]:
+                           (bad_batch, "hyperparameters.batch_size"), (heads, "model.architecture.num_heads"),
+                           *later]:
         with pytest.raises(grpc.RpcError) as info:
             stub.SubmitTrainingJob(request)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()

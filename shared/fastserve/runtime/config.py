@@ -84,6 +84,11 @@ class Config:
         "FASTSERVE_INFERENCE_MAX_MODELS", 16,
         "Most model versions the inference service holds loaded at once; a load past it is refused. 1 to 1024.",
         (1, 1024))
+    inference_kv_cache_gb: float = _setting(
+        "FASTSERVE_INFERENCE_KV_CACHE_GB", 8.0,
+        "Most memory one generative model's KV cache may take, in GiB: its resident slots on the device plus "
+        "their host copies (kv_slots and host_slots × context × the model's layers and heads). A load past it is "
+        "refused, naming the sizes. 0.001 to 1024.", (0.001, 1024.0))
     log_format: str = _setting("FASTSERVE_LOG_FORMAT", "human", "Log line format: `human` or `json`.")
     log_level: str = _setting("FASTSERVE_LOG_LEVEL", "INFO", "Root log level (DEBUG, INFO, WARNING, ...).")
     max_message_mb: int = _setting(

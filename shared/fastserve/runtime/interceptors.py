@@ -175,7 +175,7 @@ class ErrorInterceptor(_Interceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        check = _checked_stream if handler.stream_unary or handler.stream_stream else _checked
+        check = _CheckedStream if handler.stream_unary or handler.stream_stream else _checked
         return _rewrap(handler,
                        lambda b: self.around_unary(method, _checking(b, check), handler_call_details),
                        lambda b: self.around_stream(method, _checking(b, check), handler_call_details),
@@ -268,9 +268,32 @@ def _checked(request: Any) -> Any:
     return request
 
 
-def _checked_stream(requests: Iterator[Any]) -> Iterator[Any]:
-    for request in requests:
-        yield _checked(request)
+class _CheckedStream:
+    """A client stream whose every message is checked as it is read. A bad one raises InvalidArgument
+    from `next` and the stream goes on after it (a generator could not), so a servicer that reports
+    errors in its stream can, through `each_message`; a plain `for` loop ends the call with the error."""
+
+    def __init__(self, requests: Iterator[Any]) -> None:
+        self.requests = iter(requests)
+
+    def __iter__(self) -> _CheckedStream:
+        return self
+
+    def __next__(self) -> Any:
+        return _checked(next(self.requests))
+
+
+def each_message(requests: Iterator[Any]) -> Iterator[tuple[Any, errors.FastServeError | None]]:
+    """`(request, None)` for each good message of a client stream and `(None, error)` for each refused
+    one, for a servicer that answers a bad message in its stream and reads on."""
+    requests = iter(requests)
+    while True:
+        try:
+            yield next(requests), None
+        except StopIteration:
+            return
+        except errors.FastServeError as exc:
+            yield None, exc
 
 
 def _checking(behaviour: Behaviour, check: Callable[[Any], Any]) -> Behaviour:

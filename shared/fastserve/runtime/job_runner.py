@@ -11,7 +11,8 @@ fails instead of running, so a job that kills its worker is not queued again for
 loses its lease stops at its next check (`check_cancelled`, a trainer's stop hook) and writes no
 state: the job is another runner's now. A handler publishes its output through `publish_once`, which
 records the result in the job hash, so a job redelivered after publishing ends with that result
-instead of publishing a second artifact.
+instead of publishing a second artifact. Its drafts stage in a folder of the job's own, removed when
+the job ends and again when a later attempt starts, so a killed attempt leaves no half-written files.
 """
 
 from __future__ import annotations
@@ -166,23 +167,27 @@ def _run(stores: Stores, job_id: str, lease: JobLease) -> JobState:
     else:
         jobs.report(job_id, EventType.LOG, f"resuming after redelivery (was {job.state.value}; attempt "
                     f"{attempt} of {limit})")
-    ctx = JobContext(job, stores, lease)
+    # Drafts stage under the job's own folder: what an earlier attempt left when its worker was killed
+    # goes now, and what this one leaves goes when it ends (a lost lease leaves it to the next runner).
+    stores.artifacts.remove_staging(job_id)
+    ctx = JobContext(job, stores.for_job(job_id), lease)
     try:
         ctx.check_cancelled()
-        result = handler(ctx)
+        outcome = JobState.SUCCEEDED, {"message": "succeeded", "result": handler(ctx)}
     except (LeaseLost, redis.RedisError):
         # Not the job's failure: the runner lost its lease or its store; the job's next runner resumes it.
         raise LeaseLost(job_id) from None
     except JobCancelled:
-        return finish(JobState.CANCELLED, "cancelled")
+        outcome = JobState.CANCELLED, {"message": "cancelled"}
     except FastServeError as exc:
-        return finish(JobState.FAILED, error=exc.message)
+        outcome = JobState.FAILED, {"error": exc.message}
     except Exception as exc:  # noqa: BLE001 - a job's failure is recorded, never lost
         log.exception("job %s failed", job_id)
         # The job's error is read by clients: the gist of the exception, without server paths.
-        return finish(JobState.FAILED, error=f"internal error: {type(exc).__name__}: {error_gist(exc)} (the worker "
-                                             f"log has the traceback under job {job_id})")
-    return finish(JobState.SUCCEEDED, "succeeded", result=result)
+        outcome = JobState.FAILED, {"error": f"internal error: {type(exc).__name__}: {error_gist(exc)} (the worker "
+                                             f"log has the traceback under job {job_id})"}
+    stores.artifacts.remove_staging(job_id)
+    return finish(outcome[0], **outcome[1])
 
 
 class ProgressMeter:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from fastserve.runtime.config import Config
@@ -22,3 +23,8 @@ class Stores:
                                  retention_seconds=config.job_retention_seconds,
                                  write_retry_seconds=config.redis_retry_seconds)
         return cls(config, jobs, ArtifactStore(config.home / "artifacts"))
+
+    def for_job(self, job_id: str) -> Stores:
+        """The stores as job `job_id` uses them: its drafts stage in a folder of its own (see
+        `ArtifactStore.owned_by`), which its next runner clears."""
+        return dataclasses.replace(self, artifacts=self.artifacts.owned_by(job_id))

@@ -28,6 +28,7 @@ from fastserve.runtime.errors import AlreadyExists, InvalidArgument, NotFound
 SCHEME = "artifact://"
 KINDS = ("corpora", "datasets", "tokenizers", "checkpoints", "models", "reports")
 MANIFEST = "manifest.json"
+STAGING = ".staging"  # drafts and scratch, on the store's filesystem so that publishing is a rename
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: `$` would let a final "\n" in
 
 
@@ -110,11 +111,26 @@ def safe_join(root: Path, relative: str, field_name: str = "path") -> Path:
 class ArtifactStore:
     """Local-filesystem store under `root` (by default `FASTSERVE_HOME/artifacts`)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, owner: str = "") -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._staging = self.root / ".staging"
-        self._staging.mkdir(exist_ok=True)
+        self._staging = self.root / STAGING / owner if owner else self.root / STAGING
+        self._staging.mkdir(parents=True, exist_ok=True)
+
+    def owned_by(self, owner: str) -> ArtifactStore:
+        """The same store, staging under a folder of `owner`'s (a job id), so that what a killed
+        writer left half-written can be found and removed by `remove_staging(owner)`."""
+        check_name(owner)
+        return ArtifactStore(self.root, owner)
+
+    def remove_staging(self, owner: str) -> None:
+        """Remove whatever `owner` staged and did not publish; only its current lease holder calls this."""
+        check_name(owner)
+        shutil.rmtree(self.root / STAGING / owner, ignore_errors=True)
+
+    def scratch(self, prefix: str) -> Path:
+        """A new empty folder beside the staging folders, on the store's filesystem; the caller removes it."""
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self._staging))
 
     def _dir(self, kind: str, name: str) -> Path:
         check_kind(kind)
@@ -172,7 +188,7 @@ class ArtifactStore:
         """Remove one version: renamed out of sight first, so readers never see half of it."""
         path = safe_join(self.root, f"{kind}/{name}/{version}")
         if path.is_dir():
-            doomed = Path(tempfile.mkdtemp(prefix="deleted-", dir=self._staging))
+            doomed = self.scratch("deleted-")
             os.rename(path, doomed / "artifact")
             shutil.rmtree(doomed, ignore_errors=True)
 
@@ -184,7 +200,7 @@ class ArtifactStore:
         staging folder is removed and nothing is published.
         """
         folder = self._dir(kind, name)
-        staging = Path(tempfile.mkdtemp(prefix=f"{kind}-{name}-", dir=self._staging))
+        staging = self.scratch(f"{kind}-{name}-")
         draft = Draft(staging, dict(metadata or {}))
         try:
             yield draft

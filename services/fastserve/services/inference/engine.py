@@ -23,6 +23,7 @@ at once with RESOURCE_EXHAUSTED, so memory stays bounded under any load.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -54,13 +55,13 @@ class StepStats:
 
 class Engine:
     def __init__(self, name: str, decoder: Decoder, settings: GenerationSettings, eos_ids: set[int],
-                 decode: Callable[[list[int]], str]) -> None:
+                 decode: Callable[[list[int]], str], max_kv_bytes: float = math.inf) -> None:
         self.name, self.settings = name, settings
         self.encoder_decoder, self.start_id = decoder.encoder_decoder, decoder.start_id
         self.context = settings.window(decoder.max_positions)
         self.metrics = EngineMetrics(name, settings.policy, settings.mlfq.levels if settings.policy == "mlfq" else 1)
         self.scheduler = Scheduler(settings, self.context, eos_ids, self.metrics)
-        self.runner = ModelRunner(decoder, settings.slots(), self.context)
+        self.runner = ModelRunner(decoder, settings.slots(), self.context, settings.host_pool(), max_kv_bytes)
         self.outputs = OutputProcessor(decode, self.metrics)
         self.cache = self.scheduler.kv  # its sizes are the effective settings GetModelStatus reports
         self.incoming: list[Sequence] = []

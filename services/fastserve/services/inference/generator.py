@@ -7,6 +7,7 @@ still turn out to start one are held back until they cannot (output_processor.py
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -59,7 +60,8 @@ class Generator:
     task = "generation"
     platform = "pytorch"
 
-    def __init__(self, name: str, folder: Path, dtype: str, settings: GenerationSettings) -> None:
+    def __init__(self, name: str, folder: Path, dtype: str, settings: GenerationSettings,
+                 max_kv_bytes: float = math.inf) -> None:
         device = pick_device()
         model_dtype = torch_dtype(dtype, device)
         settings.check()
@@ -71,7 +73,7 @@ class Generator:
         self.tokenizer.no_padding()
         decoder = open_decoder(model)
         self.vocab_size, self.encoder_decoder = decoder.vocab_size, decoder.encoder_decoder
-        self.engine = Engine(name, decoder, settings, _eos_ids(folder), self.decode)
+        self.engine = Engine(name, decoder, settings, _eos_ids(folder), self.decode, max_kv_bytes)
         self.context = self.engine.context
         # An encoder's input has a window of its own; a decoder's prompt shares the window with the output.
         self.max_prompt = decoder.max_source if decoder.encoder_decoder else self.context - 1

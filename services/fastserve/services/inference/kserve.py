@@ -23,6 +23,7 @@ from fastserve.kserve.v2 import grpc_service_pb2 as kpb
 from fastserve.kserve.v2 import grpc_service_pb2_grpc
 from fastserve.models.refs import BUILTIN_MODELS
 from fastserve.runtime.errors import FastServeError, InvalidArgument
+from fastserve.runtime.interceptors import each_message
 from fastserve.services.inference.core import Inference
 from fastserve.services.inference.generator import GenerationRequest
 from fastserve.services.inference.repository import LoadedModel, ModelSettings
@@ -246,8 +247,10 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def ModelStreamInfer(self, request_iterator, context) -> Iterator[kpb.ModelStreamInferResponse]:
         """Each request of the stream generates in turn; its chunks come back as they are produced, and a
         failed request reports its error in the stream without ending it."""
-        for request in request_iterator:
+        for request, refused in each_message(request_iterator):
             try:
+                if refused:
+                    raise refused
                 texts = _texts(request, PROMPT_INPUT)
                 if len(texts) != 1:
                     raise InvalidArgument("a streamed request holds one prompt", field="inputs[0].shape")

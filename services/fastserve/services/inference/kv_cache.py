@@ -12,6 +12,11 @@ from __future__ import annotations
 import torch
 
 
+def slot_bytes(context: int, kv_heads: list[int], head_dim: int, dtype: torch.dtype, source: int = 0) -> int:
+    """Bytes of one slot's keys and values over every layer (and its cross-attention states)."""
+    return 2 * sum(kv_heads) * head_dim * (context + source) * dtype.itemsize
+
+
 class KVCache:
     def __init__(self, slots: int, context: int, kv_heads: list[int], head_dim: int, dtype: torch.dtype,
                  device: torch.device, source: int = 0) -> None:

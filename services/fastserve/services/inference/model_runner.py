@@ -18,13 +18,15 @@ failure outside these (a KV copy between device and host) leaves `execute` and f
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
 
+from fastserve.runtime.errors import InvalidArgument
 from fastserve.services.inference.attention import CALL_COST, step_attention, step_cross_attention
 from fastserve.services.inference.decoder import Decoder
-from fastserve.services.inference.kv_cache import KVCache
+from fastserve.services.inference.kv_cache import KVCache, slot_bytes
 from fastserve.services.inference.sampling import Sampler, SamplingError, choose_tokens
 from fastserve.services.inference.step import RunnerOutput, ScheduledSequence, SchedulerOutput
 
@@ -38,11 +40,27 @@ class _Running:
     source: list[int] | None
 
 
+def _check_memory(per_slot: int, slots: int, host_slots: int, max_bytes: float) -> None:
+    """Refuse a cache whose resident and host slots together would take more than `max_bytes`: each
+    setting is bounded alone, but their product with the model's size is what takes the memory."""
+    needed = per_slot * (slots + host_slots)
+    if needed > max_bytes:
+        raise InvalidArgument(
+            f"the KV cache would take {needed / 2**30:.2f} GiB ({slots} resident + {host_slots} host slots of "
+            f"{per_slot / 2**20:.1f} MiB), more than FASTSERVE_INFERENCE_KV_CACHE_GB allows "
+            f"({max_bytes / 2**30:g} GiB); lower generation.kv_slots, generation.host_slots or generation.context",
+            field="config.generation.kv_slots")
+
+
 class ModelRunner:
-    def __init__(self, decoder: Decoder, slots: int, context: int) -> None:
+    def __init__(self, decoder: Decoder, slots: int, context: int, host_slots: int = 0,
+                 max_bytes: float = math.inf) -> None:
         self.decoder = decoder
+        source = decoder.max_source if decoder.encoder_decoder else 0
+        _check_memory(slot_bytes(context, decoder.kv_heads, decoder.head_dim, decoder.dtype, source), slots,
+                      host_slots, max_bytes)
         self.cache = KVCache(slots, context, decoder.kv_heads, decoder.head_dim, decoder.dtype, decoder.device,
-                             source=decoder.max_source if decoder.encoder_decoder else 0)
+                             source=source)
         self.call_cost = CALL_COST.get(decoder.device.type, CALL_COST["cuda"])
         self.running: dict[int, _Running] = {}
         self.host: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # evicted caches, by sequence

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import enum
 import logging
+import math
 import re
 import threading
 import time
@@ -146,9 +147,10 @@ class LoadedModel:
 
 
 class ModelRepository:
-    def __init__(self, artifacts: ArtifactStore, max_models: int = MAX_MODELS) -> None:
+    def __init__(self, artifacts: ArtifactStore, max_models: int = MAX_MODELS,
+                 max_kv_bytes: float = math.inf) -> None:
         self.artifacts = artifacts
-        self.max_models = max_models
+        self.max_models, self.max_kv_bytes = max_models, max_kv_bytes  # the second: per generative model
         self.models: dict[str, dict[str, LoadedModel]] = {}
         self.lock = threading.RLock()
 
@@ -202,7 +204,7 @@ class ModelRepository:
         try:
             entry.settings = _effective(folder, requested, label)
             if entry.settings.task == "generation":
-                entry.backend = _open_generator(f"{name}/{version}", folder, entry.settings)
+                entry.backend = _open_generator(f"{name}/{version}", folder, entry.settings, self.max_kv_bytes)
             else:
                 entry.backend = on_loader_thread(open_backend, folder, entry.settings.backend, entry.settings.task,
                                                  entry.settings.dtype)
@@ -368,8 +370,8 @@ def _effective(folder: Path, requested: ModelSettings, label: str) -> ModelSetti
     return replace(requested, backend=backend, task=task)
 
 
-def _open_generator(name: str, folder: Path, settings: ModelSettings) -> Generator:
-    generator = on_loader_thread(Generator, name, folder, settings.dtype, settings.generation)
+def _open_generator(name: str, folder: Path, settings: ModelSettings, max_kv_bytes: float) -> Generator:
+    generator = on_loader_thread(Generator, name, folder, settings.dtype, settings.generation, max_kv_bytes)
     warm = generator.submit(GenerationRequest(token_ids=[0], params=SamplingParams(max_new_tokens=2),
                                               max_new_tokens_set=True))
     generator.complete(warm, time.monotonic() + 120)

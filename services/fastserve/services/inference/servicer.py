@@ -214,7 +214,8 @@ def register(server: grpc.Server, stores: Stores) -> Sequence[str]:
     from fastserve.kserve.v2 import grpc_service_pb2, grpc_service_pb2_grpc
     from fastserve.services.inference.kserve import KServeServicer
 
-    core = Inference(ModelRepository(stores.artifacts, stores.config.inference_max_models))
+    core = Inference(ModelRepository(stores.artifacts, stores.config.inference_max_models,
+                                     stores.config.inference_kv_cache_gb * 2**30))
     core.load_configured(stores.config)
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(core), server)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(core), server)

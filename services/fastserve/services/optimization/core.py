@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -122,6 +121,9 @@ def _copy_side_files(source: Path, target: Path) -> None:
             shutil.copy(source / name, target / name)
 
 
+Publish = Callable[[], dict[str, Any]]
+
+
 class Optimization:
     def __init__(self, stores: Stores) -> None:
         self.stores = stores
@@ -151,10 +153,13 @@ class Optimization:
     # -- running -------------------------------------------------------------------------------
 
     def run(self, params: dict[str, Any], job_id: str, progress: Callable[[float, str], None],
-            log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+            log: Callable[[str], None] = lambda message: None,
+            once: Callable[[Publish], dict[str, Any]] = lambda publish: publish()) -> dict[str, Any]:
+        """Run the job's steps, measure before and after, and publish through `once` (a job's
+        `publish_once`, so that a redelivered job does not publish twice)."""
         source, kind = self.prepare(params)
         steps = params["steps"]
-        work = Path(tempfile.mkdtemp(prefix="optimize-", dir=self.stores.artifacts.root / ".staging"))
+        work = self.stores.artifacts.scratch("optimize-")
         try:
             stage, parity = Stage(source, onnx=False), None
             for i, step in enumerate(steps):
@@ -175,19 +180,22 @@ class Optimization:
             report = {"job_id": job_id, "source_model_uri": params["model_uri"], "steps": steps, "before": before,
                       "after": after, "relative_degradation": degradation, "within_budget": within,
                       "promoted": promoted, "result_uri": "", "export_parity_max_abs_diff": parity}
-            if promoted:
-                with self.stores.artifacts.publish("models", params["output_name"]) as draft:
-                    for item in stage.folder.iterdir():
-                        if item.is_file():
-                            shutil.copy(item, draft.path / item.name)
-                    draft.metadata["optimization"] = {k: v for k, v in report.items() if k != "result_uri"}
-                report["result_uri"] = draft.ref.uri
-            with self.stores.artifacts.publish("reports", f"optimization-{job_id}", version=1) as draft:
-                (draft.path / "report.json").write_text(json.dumps(report, indent=2))
-                draft.metadata["report"] = report
-            return report
+            return once(lambda: self._publish(params, job_id, stage, report))
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _publish(self, params: dict[str, Any], job_id: str, stage: Stage, report: dict[str, Any]) -> dict[str, Any]:
+        if report["promoted"]:
+            with self.stores.artifacts.publish("models", params["output_name"]) as draft:
+                for item in stage.folder.iterdir():
+                    if item.is_file():
+                        shutil.copy(item, draft.path / item.name)
+                draft.metadata["optimization"] = {k: v for k, v in report.items() if k != "result_uri"}
+            report["result_uri"] = draft.ref.uri
+        with self.stores.artifacts.publish("reports", f"optimization-{job_id}", version=1) as draft:
+            (draft.path / "report.json").write_text(json.dumps(report, indent=2))
+            draft.metadata["report"] = report
+        return report
 
     def report(self, job_id: str) -> dict[str, Any]:
         try:

@@ -14,4 +14,4 @@ def pipeline(ctx: JobContext) -> dict[str, Any]:
         ctx.check_cancelled()  # between steps and before publishing: a cancelled job registers nothing
         ctx.progress(fraction, message)
 
-    return Optimization(ctx.stores).run(ctx.params, ctx.job.job_id, progress, ctx.log)
+    return Optimization(ctx.stores).run(ctx.params, ctx.job.job_id, progress, ctx.log, ctx.publish_once)

@@ -15,16 +15,16 @@ def _meter(ctx: JobContext, core: Preprocessing) -> ProgressMeter:
 @job_handler("preprocessing.clean")
 def clean(ctx: JobContext) -> dict[str, Any]:
     core = Preprocessing(ctx.stores)
-    return core.run_clean(ctx.params, _meter(ctx, core))
+    return ctx.publish_once(lambda: core.run_clean(ctx.params, _meter(ctx, core)))
 
 
 @job_handler("preprocessing.train_tokenizer")
 def train_tokenizer(ctx: JobContext) -> dict[str, Any]:
     core = Preprocessing(ctx.stores)
-    return core.run_train_tokenizer(ctx.params, _meter(ctx, core))
+    return ctx.publish_once(lambda: core.run_train_tokenizer(ctx.params, _meter(ctx, core)))
 
 
 @job_handler("preprocessing.build_dataset")
 def build_dataset(ctx: JobContext) -> dict[str, Any]:
     core = Preprocessing(ctx.stores)
-    return core.run_build_dataset(ctx.params, _meter(ctx, core))
+    return ctx.publish_once(lambda: core.run_build_dataset(ctx.params, _meter(ctx, core)))

@@ -25,7 +25,7 @@ def main(job_id: str) -> int:
     setup_logging(f"training-rank{rank}", config.log_format, config.log_level)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world)
-    stores = Stores.from_config(config)
+    stores = Stores.from_config(config).for_job(job_id)
     ctx = JobContext(stores.jobs.get(job_id), stores)
     outcome: dict = {}
     try:
