@@ -53,7 +53,9 @@ def test_explicit_version_must_be_new(store):
 
 @pytest.mark.parametrize("uri", [
     "file:///etc/passwd", "artifact://datasets/tiny", "artifact://nokind/tiny/1", "artifact://datasets/../1",
-    "artifact://datasets/tiny/0", "artifact://datasets/tiny/x", "artifact://datasets/.hidden/1",
+    "artifact://datasets/tiny/0", "artifact://datasets/tiny/1x", "artifact://datasets/tiny/x.y",
+    "artifact://datasets/tiny/\u00b2", "artifact://datasets/tiny/-a", "artifact://datasets/tiny/" + "a" * 65,
+    "artifact://datasets/.hidden/1",
 ])
 def test_bad_uris_refused(store, uri):
     with pytest.raises(InvalidArgument) as info:
@@ -208,3 +210,109 @@ def test_a_name_is_letters_digits_and_dots_whole(name):
     with pytest.raises(InvalidArgument) as info:
         check_name(name, "output_name")
     assert info.value.violations[0].field == "output_name"
+
+
+# -- aliases ------------------------------------------------------------------------------------------
+
+def test_an_alias_resolves_to_its_version_and_moves(store):
+    first, second = _publish(store), _publish(store, text="again")
+    assert store.set_alias("datasets", "tiny", "production", 1) is None
+    found = store.resolve("artifact://datasets/tiny/production")
+    assert found.ref == first.ref and found.ref.uri == "artifact://datasets/tiny/1"
+    assert (found.path / "data.txt").read_text() == "hello"
+    assert parse_uri("artifact://datasets/tiny/production").alias == "production"
+    assert store.set_alias("datasets", "tiny", "production", 2) == 1
+    assert store.resolve("artifact://datasets/tiny/production").ref == second.ref
+    assert store.aliases("datasets", "tiny") == {"production": 2}
+    # The alias file is beside the versions, never one of them.
+    assert store.versions("datasets", "tiny") == [1, 2]
+    assert [a.ref.uri for a in store.list("datasets")] == [first.ref.uri, second.ref.uri]
+    assert store.set_alias("datasets", "tiny", "production", None) == 2
+    with pytest.raises(NotFound) as info:
+        store.resolve("artifact://datasets/tiny/production", field_name="model_uri")
+    assert info.value.violations[0].field == "model_uri" and "no alias 'production'" in info.value.message
+    assert store.set_alias("datasets", "tiny", "production", None) is None  # removing twice is no error
+
+
+@pytest.mark.parametrize("alias", ["latest", "1a", "_a", "a" * 65, "a\n", "a.b", "", "caf\u00e9", "a b"])
+def test_an_alias_name_is_checked_whole(store, alias):
+    _publish(store)
+    with pytest.raises(InvalidArgument) as info:
+        store.set_alias("datasets", "tiny", alias, 1)
+    assert info.value.violations[0].field == "alias_uri"
+    assert store.aliases("datasets", "tiny") == {}
+
+
+def test_an_alias_points_only_at_a_published_version(store):
+    _publish(store)
+    for version in (2, 0, -1):
+        with pytest.raises(NotFound) as info:
+            store.set_alias("datasets", "tiny", "prod", version)
+        assert info.value.violations[0].field == "version"
+    with pytest.raises(NotFound):
+        store.set_alias("datasets", "nothing", "prod", 1)
+
+
+def test_a_version_an_alias_points_at_is_not_deleted(store):
+    from fastserve.runtime.errors import FailedPrecondition
+
+    _publish(store)
+    _publish(store)
+    store.set_alias("datasets", "tiny", "prod", 1)
+    store.set_alias("datasets", "tiny", "canary", 1)
+    with pytest.raises(FailedPrecondition) as info:
+        store.delete("datasets", "tiny", 1)
+    assert "alias canary, prod points at artifact://datasets/tiny/1" in info.value.message
+    assert store.versions("datasets", "tiny") == [1, 2]
+    store.set_alias("datasets", "tiny", "prod", 2)
+    store.set_alias("datasets", "tiny", "canary", None)
+    store.delete("datasets", "tiny", 1)
+    assert store.versions("datasets", "tiny") == [2]
+
+
+def test_a_damaged_alias_file_reads_as_no_aliases(store):
+    _publish(store)
+    (store.root / "datasets" / "tiny" / ".aliases.json").write_text('{"prod": "1", "ok": 1, "1bad": 1')
+    assert store.aliases("datasets", "tiny") == {}
+    (store.root / "datasets" / "tiny" / ".aliases.json").write_text('{"prod": "1", "ok": 1, "1bad": 1, "z": 0}')
+    assert store.aliases("datasets", "tiny") == {"ok": 1}
+
+
+def _set_many(root: str, worker: int) -> None:
+    store = ArtifactStore(root)
+    for i in range(15):
+        store.set_alias("datasets", "tiny", f"w{worker}-{i}", 1 + (i % 2))
+
+
+def test_racing_alias_writers_lose_nothing_and_readers_see_old_or_new(store):
+    """Writers in several processes each add their own aliases to one name; under the name's lock none
+    overwrites another's. A reader meanwhile always resolves the moving alias to one of its versions."""
+    import multiprocessing
+    import threading
+
+    _publish(store)
+    _publish(store)
+    store.set_alias("datasets", "tiny", "moving", 1)
+    seen, stop = set(), threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            seen.add(store.resolve("artifact://datasets/tiny/moving").ref.version)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_set_many, args=(str(store.root), w)) for w in range(4)]
+    for w in writers:
+        w.start()
+    for i in range(60):
+        store.set_alias("datasets", "tiny", "moving", 1 + i % 2)
+    for w in writers:
+        w.join(60)
+        assert w.exitcode == 0
+    stop.set()
+    reader.join()
+    aliases = store.aliases("datasets", "tiny")
+    assert {a for a in aliases if a.startswith("w")} == {f"w{w}-{i}" for w in range(4) for i in range(15)}
+    assert seen == {1, 2}
+    assert not [p.name for p in (store.root / "datasets" / "tiny").iterdir() if p.name.startswith(".aliases-")]

@@ -68,6 +68,9 @@ def test_client_settings_read_the_same_variables_as_the_stack():
     ("FASTSERVE_INFERENCE_MAX_MODELS", "1025"),
     ("FASTSERVE_INFERENCE_KV_CACHE_GB", "0"),
     ("FASTSERVE_INFERENCE_KV_CACHE_GB", "nan"),
+    ("FASTSERVE_IMPORT_MAX_GB", "0"),
+    ("FASTSERVE_IMPORT_MAX_GB", "5000"),
+    ("FASTSERVE_IMPORT_MAX_GB", "inf"),
 ])
 def test_out_of_range_setting_names_the_variable(env, value):
     with pytest.raises(InvalidArgument) as info:
@@ -116,3 +119,9 @@ def test_server_tls_is_all_or_nothing(tmp_path):
     assert info.value.violations[0].field == "FASTSERVE_TLS_CLIENT_CA"
     both = Config.from_env({"FASTSERVE_TLS_CERT": str(cert), "FASTSERVE_TLS_KEY": str(key)})
     assert both.server_tls() == (b"KEY", b"CERT", None)
+
+
+def test_import_settings_parse():
+    config = Config.from_env({"FASTSERVE_IMPORT_ROOTS": "/srv/models:/data/hf", "FASTSERVE_IMPORT_MAX_GB": "0.5"})
+    assert (config.import_roots, config.import_max_gb) == ("/srv/models:/data/hf", 0.5)
+    assert Config.from_env({}).import_roots == "" and Config.from_env({}).import_max_gb == 64.0

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["common", "preprocessing", "training", "optimization", "inference"]
+PACKAGES = ["common", "preprocessing", "training", "optimization", "inference", "registry"]
 
 
 def test_buf_lint_standard_and_comments_clean():

@@ -22,5 +22,8 @@ def test_the_demo_pipeline_runs_every_stage_and_serves_both_models(env, capsys):
     assert len(figures["samples"]) == 3  # each a prompt and its completion
     assert all(len(sample) > len(prompt) for sample, prompt in zip(figures["samples"], SAMPLE_PROMPTS, strict=True))
     assert len(figures["labels"]) == 3 and figures["embedding_dim"] == 384
+    # The served classifier's lineage runs back through its fp32 source and its dataset.
+    relations = {relation for _, relation, _ in figures["lineage"]}
+    assert {"source_model", "dataset", "base_model"} <= relations, figures["lineage"]
     assert not any(port_open(config.port(s)) for s in SERVICES)  # keep_running=False took it down
     assert all(row["state"] == "STOPPED" for row in Stack(config).status())

@@ -28,6 +28,7 @@ from fastserve.inference.v1 import inference_pb2
 from fastserve.kserve.v2 import grpc_service_pb2
 from fastserve.optimization.v1 import optimization_pb2
 from fastserve.preprocessing.v1 import preprocessing_pb2
+from fastserve.registry.v1 import registry_pb2
 from fastserve.runtime.config import Config
 from fastserve.runtime.server import create_server
 from fastserve.runtime.stores import Stores
@@ -52,7 +53,7 @@ def _services() -> dict[str, list]:
 
     return {"preprocessing": [preprocessing, preprocessing_pb2], "training": [training, training_pb2],
             "optimization": [optimization, optimization_pb2],
-            "inference": [inference, inference_pb2, grpc_service_pb2]}
+            "inference": [inference, inference_pb2, grpc_service_pb2, registry_pb2]}
 
 
 @pytest.fixture(scope="module")

@@ -196,4 +196,12 @@ def _check(line: str, out: str, ids: dict[str, str]) -> None:
         assert out.strip()
     elif line.startswith("fastserve train list"):
         assert ids["trained"] in out
+    elif line.startswith("fastserve artifacts list"):
+        assert "artifact://models/stdlib-gpt/1" in out
+    elif line.startswith("fastserve artifacts show"):
+        assert "artifact://datasets/stdlib-clm/1" in out and "artifact://tokenizers/bpe8k/1" in out
+    elif line.startswith("fastserve artifacts alias"):
+        assert "production" in out and "artifact://models/stdlib-gpt/1" in out
+    elif line.startswith("fastserve models import"):
+        assert "artifact://models/my-gpt/1" in out and "GPT2LMHeadModel" in out
 

@@ -84,8 +84,8 @@ def wait_serving(proc: Proc, timeout: float = 60.0) -> None:
 
 
 def start_inference(home: Path, log: Path, timeout: float = 180.0, **settings: str) -> Proc:
-    """An inference server on a free port with its own home, and no Redis (it needs none); `settings`
-    are more FASTSERVE_* variables."""
+    """An inference server on a free port with its own home and no Redis: serving needs none, only the
+    registry's delete check does (pass FASTSERVE_REDIS_URL for that); `settings` are more FASTSERVE_* variables."""
     env = {"FASTSERVE_HOME": str(home), "FASTSERVE_INFERENCE_METRICS_PORT": "0",
            "FASTSERVE_REDIS_URL": "redis://127.0.0.1:1/0", "HF_HUB_OFFLINE": "1", **settings}
     return _serve("inference", env, log, timeout)

@@ -5,10 +5,16 @@ generation config, tokenizer)."""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -57,6 +63,18 @@ def build_causal_lm(folder: Path, family: str = "gpt2", hidden: int = 64, layers
     return folder
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Train on one thread: on a shared machine torch's threads spin against each other (ten times slower
+    measured with other processes busy), and a tiny model gains nothing from a second one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _train(model: torch.nn.Module, tokenizer, texts: list[str], steps: int, width: int = 64) -> None:
     # Documents run on into each other (no EOS between them), so completions are long rather than
     # ending after a few tokens: more tokens to compare in tests.
@@ -65,12 +83,13 @@ def _train(model: torch.nn.Module, tokenizer, texts: list[str], steps: int, widt
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
     model.train()
-    for _ in range(steps):
-        batch = rows[torch.randint(len(rows), (16,), generator=generator)]
-        loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    with one_thread():
+        for _ in range(steps):
+            batch = rows[torch.randint(len(rows), (16,), generator=generator)]
+            loss = model(input_ids=batch, labels=batch).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
 
 
 def build_seq2seq(folder: Path, vocab: int = 512, steps: int = 250, seed: int = 0) -> Path:
@@ -84,14 +103,57 @@ def build_seq2seq(folder: Path, vocab: int = 512, steps: int = 250, seed: int = 
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
     model.train()
-    for _ in range(steps):
-        batch = [snippets[i] for i in torch.randint(len(snippets), (16,), generator=generator).tolist()]
-        width = max(map(len, batch)) + 1
-        source = torch.tensor([s + [pad] * (width - len(s)) for s in batch])
-        labels = torch.tensor([s + [eos] + [-100] * (width - len(s) - 1) for s in batch])
-        loss = model(input_ids=source, attention_mask=(source != pad).long(), labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    with one_thread():
+        for _ in range(steps):
+            batch = [snippets[i] for i in torch.randint(len(snippets), (16,), generator=generator).tolist()]
+            width = max(map(len, batch)) + 1
+            source = torch.tensor([s + [pad] * (width - len(s)) for s in batch])
+            labels = torch.tensor([s + [eos] + [-100] * (width - len(s) - 1) for s in batch])
+            loss = model(input_ids=source, attention_mask=(source != pad).long(), labels=labels).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval().save_pretrained(str(folder))
+    return folder
+
+
+# Per model type, the config fields beyond the common ones: GQA families get half as many KV heads as
+# query heads; families whose default head size is not hidden / heads get it set.
+_DECODER_FIELDS = {
+    "gpt2": lambda h, heads: dict(n_embd=h, n_head=heads, n_layer=2, n_positions=256),
+    "llama": lambda h, heads: dict(num_key_value_heads=heads // 2),
+    "mistral": lambda h, heads: dict(num_key_value_heads=heads // 2, head_dim=h // heads),
+    "qwen2": lambda h, heads: dict(num_key_value_heads=heads // 2),
+    "qwen3": lambda h, heads: dict(num_key_value_heads=heads // 2, head_dim=h // heads),
+    "phi3": lambda h, heads: dict(num_key_value_heads=heads // 2),
+    "gemma": lambda h, heads: dict(num_key_value_heads=heads // 2, head_dim=h // heads),
+    "gpt_neox": lambda h, heads: dict(),
+    "opt": lambda h, heads: dict(ffn_dim=2 * h, word_embed_proj_dim=h),
+}
+DECODER_TYPES = tuple(_DECODER_FIELDS)
+
+
+def build_decoder(folder: Path, model_type: str, hidden: int = 64, heads: int = 4, vocab: int = 300,
+                  init: float = 0.4, seed: int = 0, tokenizer_from: Path | None = None) -> Path:
+    """A two-layer causal LM of `model_type` (one of DECODER_TYPES) at random weights, with no
+    end-of-sequence token, so completions run to their length. Weights drawn wider than the family's
+    default (`init`) make greedy output varied rather than one token repeated. `tokenizer_from`: a
+    folder whose tokenizer to copy instead of training one."""
+    if tokenizer_from is None:
+        tokenizer, _ = _tokenizer(folder, vocab, seed, documents=200)
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in Path(tokenizer_from).iterdir():
+            if path.name.startswith(("tokenizer", "special_tokens")):
+                shutil.copy(path, folder / path.name)
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        torch.manual_seed(seed)
+    common = dict(vocab_size=tokenizer.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_hidden_layers=2, num_attention_heads=heads, max_position_embeddings=256,
+                  bos_token_id=None, eos_token_id=None, pad_token_id=tokenizer.token_to_id("<pad>"),
+                  initializer_range=init, init_std=init)
+    config = AutoConfig.for_model(model_type, **(common | _DECODER_FIELDS[model_type](hidden, heads)))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = model.generation_config.bos_token_id = None
     model.eval().save_pretrained(str(folder))
     return folder

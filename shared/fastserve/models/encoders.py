@@ -36,6 +36,18 @@ from fastserve.models.tokenizers import load_tokenizer
 from fastserve.runtime.errors import FailedPrecondition, InvalidArgument
 
 TASKS = ("embedding", "sequence_classification", "raw")
+# RoBERTa's family numbers positions from padding_idx + 1 (BERT's from 0), so the first padding_idx + 1 rows of
+# its position table never hold a token: a 514-row table fits 512 tokens.
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
+
+
+def window_of(config: dict[str, Any]) -> int:
+    """The most tokens (special ones included) one text may have: the position table's usable rows, capped
+    at 512 as BERT-style checkpoints are trained."""
+    rows = int(config.get("max_position_embeddings", 512))
+    if config.get("model_type") in OFFSET_POSITIONS:
+        rows -= int(config.get("pad_token_id") or 0) + 1
+    return max(1, min(rows, 512))
 
 
 @dataclass
@@ -52,7 +64,9 @@ class Encoded:
 class TextEncoder:
     """Tokenizes requests: strictly (a text over the window is refused) or truncating."""
 
-    def __init__(self, folder: Path, max_length: int) -> None:
+    def __init__(self, folder: Path, max_length: int, pad_id: int | None = None) -> None:
+        """`pad_id`: the config's pad token, which wins over the tokenizer's guess: RoBERTa's family tells
+        padding from text by it when it numbers positions."""
         self.max_length = max_length
         self.strict = load_tokenizer(folder, field="model_uri")
         self.strict.no_truncation()
@@ -60,8 +74,9 @@ class TextEncoder:
         self.truncating = load_tokenizer(folder, field="model_uri")
         self.truncating.no_padding()
         self.truncating.enable_truncation(max_length)
-        pad = next((i for t in ("[PAD]", "<pad>") if (i := self.strict.token_to_id(t)) is not None), 0)
-        self.pad_id = pad
+        if pad_id is None:
+            pad_id = next((i for t in ("[PAD]", "<pad>") if (i := self.strict.token_to_id(t)) is not None), 0)
+        self.pad_id = pad_id
 
     def encode(self, texts: list[str], truncate: bool) -> Encoded:
         if not texts:
@@ -99,16 +114,17 @@ class EncoderBackend:
             raise InvalidArgument(f"task must be one of {', '.join(TASKS)}", field="config.task")
         self.folder, self.task = folder, task
         config = read_config(folder)
-        window = int(min(config.get("max_position_embeddings", 512), 512))
+        window = window_of(config)
         sbert = folder / "sentence_bert_config.json"
         if sbert.is_file():  # sentence-transformers models declare the window they were trained with
-            window = int(json.loads(sbert.read_text()).get("max_seq_length", window))
+            window = min(window, int(json.loads(sbert.read_text()).get("max_seq_length", window)))
         self.max_length = window
         self.labels = [config.get("id2label", {}).get(str(i), str(i)) for i in range(len(config.get("id2label", {})))]
         if task == "sequence_classification" and not self.labels:
             raise InvalidArgument(f"{folder.name} has no classification head (no id2label)", field="config.task")
-        self.encoder = TextEncoder(folder, self.max_length)
-        self.dimension = int(config.get("hidden_size", 0))
+        pad = config.get("pad_token_id")
+        self.encoder = TextEncoder(folder, self.max_length, pad if isinstance(pad, int) else None)
+        self.dimension = int(config.get("hidden_size") or config.get("dim") or 0)  # DistilBERT's is "dim"
 
     def run(self, rows: list[list[int]]) -> np.ndarray:
         """Task outputs for token-id rows: embeddings [n, dim], class probabilities [n, labels] or

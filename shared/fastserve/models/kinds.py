@@ -27,7 +27,7 @@ KINDS = (ENCODER, CLASSIFIER, DECODER, SEQ2SEQ)
 TASKS = {ENCODER: "embedding", CLASSIFIER: "sequence_classification", DECODER: "generation", SEQ2SEQ: "generation"}
 
 # Architecture names with a language-modelling head; whether it is an encoder-decoder's is in the config.
-_GENERATIVE = ("CausalLM", "LMHeadModel", "ForConditionalGeneration")
+_GENERATIVE = ("CausalLM", "LMHeadModel", "ForConditionalGeneration", "MTModel")  # MTModel: Marian's
 
 
 def folder_label(folder: Path) -> str:

@@ -139,6 +139,14 @@ class Config:
         "0 to 1048576.", (0, 1024 * 1024))
     worker_concurrency: int = _setting(
         "FASTSERVE_WORKER_CONCURRENCY", 1, "Jobs one Celery worker process runs at once. 1 to 256.", (1, 256))
+    import_roots: str = _setting(
+        "FASTSERVE_IMPORT_ROOTS", "",
+        "Server folders ImportModel may read a model from (`server_path`), absolute paths separated by ':' or "
+        "','. Empty: importing from server paths is off; uploads still work.")
+    import_max_gb: float = _setting(
+        "FASTSERVE_IMPORT_MAX_GB", 64.0,
+        "Largest model ImportModel takes, in GiB: the files declared for an upload, measured for a server "
+        "folder. 0.00001 to 4096.", (0.00001, 4096.0))
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

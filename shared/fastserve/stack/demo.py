@@ -2,8 +2,9 @@
 
 Clean the stdlib docstrings, train a BPE tokenizer, build a causal-LM and a topic dataset, train a
 small GPT and fine-tune all-MiniLM-L6-v2 as a classifier of stdlib modules, export the classifier to
-ONNX and quantize it (int8), serve both (`stdlib-gpt` for generation, `stdlib-topic` for classification), then generate,
-classify and embed, and print a summary. The stack stays up afterwards so the models can be tried.
+ONNX and quantize it (int8), serve both (`stdlib-gpt` for generation, `stdlib-topic` for
+classification), then generate, classify and embed, trace the served classifier's lineage in the
+registry, and print a summary. The stack stays up afterwards so the models can be tried.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from fastserve.optimization.v1 import optimization_pb2 as opb
 from fastserve.optimization.v1 import optimization_pb2_grpc
 from fastserve.preprocessing.v1 import preprocessing_pb2 as ppb
 from fastserve.preprocessing.v1 import preprocessing_pb2_grpc
+from fastserve.registry.v1 import registry_pb2 as rpb
+from fastserve.registry.v1 import registry_pb2_grpc
 from fastserve.runtime.config import Config
 from fastserve.runtime.protos import struct
 from fastserve.stack.processes import Stack
@@ -90,6 +93,7 @@ def _pipeline(config: Config, plan: DemoPlan) -> dict:
         train = training_pb2_grpc.TrainingServiceStub(fs.channel("training"))
         opt = optimization_pb2_grpc.OptimizationServiceStub(fs.channel("optimization"))
         inf = inference_pb2_grpc.InferenceServiceStub(fs.channel("inference"))
+        registry = registry_pb2_grpc.RegistryServiceStub(fs.channel("inference"))
 
         print("== 1/6 clean the stdlib docstrings", flush=True)
         stdlib = ppb.CorpusSource(builtin=ppb.BuiltinCorpus(name="stdlib-docstrings", seed=0,
@@ -180,6 +184,12 @@ def _pipeline(config: Config, plan: DemoPlan) -> dict:
         embedding = inf.Embed(ipb.EmbedRequest(model="all-MiniLM-L6-v2", texts=[SAMPLE_DOCS[0]]), timeout=60)
         figures["embedding_dim"] = embedding.dimension
         summary.add(f"embed: all-MiniLM-L6-v2 gives {embedding.dimension} dimensions")
+        # The registry traces the served classifier back to the text it was made from.
+        shown = registry.GetArtifact(rpb.GetArtifactRequest(uri=topic_uri), timeout=30)
+        figures["lineage"] = [(e.uri, e.relation, e.input_uri) for e in shown.lineage]
+        summary.add(f"lineage of {topic_uri}: " + "; ".join(
+            f"{e.uri.removeprefix('artifact://')} <-{e.relation}- {e.input_uri.removeprefix('artifact://')}"
+            for e in shown.lineage))
 
     minutes = (time.monotonic() - started) / 60
     print(f"\n== summary ({minutes:.1f} min)")

@@ -28,7 +28,7 @@ from typing import Annotated
 
 import typer
 
-from fastserve.cli import health, inference, optimize, preprocess, train
+from fastserve.cli import artifacts, chat, health, inference, optimize, preprocess, train
 from fastserve.cli.common import JSON_HELP, WIDE_HELP, FailedCall, Flags, LocalError, State, error_line
 from fastserve.client.errors import ClientError
 from fastserve.client.settings import ClientSettings, SettingError
@@ -68,8 +68,10 @@ app.add_typer(preprocess.app, name="preprocess")
 app.add_typer(train.app, name="train")
 app.add_typer(optimize.app, name="optimize")
 inference.register(app)
+chat.register(app)
 preprocess.register(app)
 health.register(app)
+artifacts.register(app)
 for plugin in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
     plugin.load()(app)
 

@@ -1,4 +1,4 @@
-"""Inference from the terminal: `models list | load | unload`, `generate` (streamed), `embed`, `classify`."""
+"""Inference from the terminal: `models list | load | unload | import`, `generate` (streamed), `embed`, `classify`."""
 
 from __future__ import annotations
 
@@ -99,6 +99,44 @@ def load(ctx: typer.Context, name: str,
 def unload(ctx: typer.Context, name: str, version: Annotated[str, typer.Option(help="Default: latest.")] = "") -> int:
     _client(ctx).unload_model(name, version)
     print_json({"unloaded": name, "version": version}) if state(ctx).json else print(f"unloaded {name}")
+    return 0
+
+
+IMPORT_FLAGS = {"header.name": "--name", "header.server_path": "path", "header.files": "path",
+                "header.convert_pickle_weights": "--convert-pickle-weights", "chunk": "path"}
+
+
+@command(models, "import", flags=IMPORT_FLAGS,
+         help="Import a Hugging Face model folder (safetensors weights, tokenizer.json) as "
+              "artifact://models/NAME/<n>: uploaded when PATH is a folder here, else read by the server from "
+              "its FASTSERVE_IMPORT_ROOTS.")
+def import_folder(ctx: typer.Context, path: str,
+                  name: Annotated[str, typer.Option(help="Model name to publish under.")],
+                  on_server: Annotated[bool, typer.Option(
+                      "--on-server", help="PATH is a folder on the server (under its FASTSERVE_IMPORT_ROOTS), "
+                                          "even if one of that name exists here.")] = False,
+                  convert_pickle_weights: Annotated[bool, typer.Option(
+                      "--convert-pickle-weights", help="Convert pytorch_model.bin weights to safetensors "
+                                                       "(loaded with torch.load(weights_only=True)).")] = False) -> int:
+    # Imported here: the other model commands need neither the registry stubs nor the upload code.
+    from pathlib import Path
+
+    from fastserve.cli.common import LocalError
+    from fastserve.client.model_import import import_model
+    from fastserve.registry.v1.registry_pb2_grpc import RegistryServiceStub
+
+    upload = not on_server and Path(path).exists()
+    stub = RegistryServiceStub(state(ctx).client().channel("inference"))
+    try:
+        reply = import_model(stub, path, name, on_server=not upload, convert_pickle_weights=convert_pickle_weights)
+    except (OSError, ValueError) as exc:
+        raise LocalError(f"cannot upload {path}: {exc}") from exc
+    if state(ctx).json:
+        print_json(to_dict(reply))
+        return 0
+    print(f"imported {reply.artifact.ref.uri} ({reply.architecture or 'no architecture'}, {reply.kind}, "
+          f"{reply.artifact.size_bytes / 2**20:.1f} MiB, {'uploaded' if upload else 'from the server'})")
+    print(f"next: fastserve models load {name} --uri artifact://models/{name}/latest")
     return 0
 
 

@@ -12,6 +12,7 @@ from fastserve.client.channels import health_status, make_channel
 from fastserve.client.inference import InferenceClient
 from fastserve.client.optimization import OptimizationClient
 from fastserve.client.preprocessing import PreprocessingClient
+from fastserve.client.registry import RegistryClient
 from fastserve.client.settings import DEFAULT_MAX_MESSAGE_MB, DEFAULT_PORTS, SERVICES, ClientSettings
 from fastserve.client.training import TrainingClient
 
@@ -71,6 +72,11 @@ class FastServeClient:
     @cached_property
     def inference(self) -> InferenceClient:
         return InferenceClient(self.channel("inference"), self._caller)
+
+    @cached_property
+    def registry(self) -> RegistryClient:
+        """The artifact registry, served by the inference service."""
+        return RegistryClient(self.channel("inference"), self._caller)
 
     def health(self, service: str, timeout: float = 2.0) -> str:
         """The service's standard health status: `SERVING`, `NOT_SERVING`, ... or `UNREACHABLE`."""

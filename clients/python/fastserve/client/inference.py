@@ -1,8 +1,8 @@
-"""Client of `fastserve.inference.v1.InferenceService`: models, embeddings, classes, generation."""
+"""Client of `fastserve.inference.v1.InferenceService`: models, embeddings, classes, generation, chat."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from fastserve.client.calls import COMPUTE, GENERATE, LOAD, READ, ServiceClient
 from fastserve.client.specs import enum_value
@@ -21,6 +21,22 @@ def sampling_params(max_new_tokens: int | None = None, temperature: float = 0.0,
     if seed is not None:
         params.seed = seed
     return params
+
+
+Message = Mapping[str, str] | tuple[str, str] | pb.ChatMessage
+"""A chat message: `{"role": "user", "content": "..."}` (as transformers and OpenAI write them), a
+(role, content) pair, or the protobuf message. Roles: system, user, assistant."""
+
+
+def chat_messages(messages: Sequence[Message]) -> list[pb.ChatMessage]:
+    result = []
+    for i, m in enumerate(messages):
+        if isinstance(m, pb.ChatMessage):
+            result.append(m)
+            continue
+        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
+        result.append(pb.ChatMessage(role=enum_value(pb.ChatRole, role, f"messages[{i}].role"), content=content))
+    return result
 
 
 class InferenceClient(ServiceClient):
@@ -92,6 +108,25 @@ class InferenceClient(ServiceClient):
         request = _prompt(pb.GenerateStreamRequest(model=model, version=version, sampling=sampling,
                                                    priority=priority), prompt)
         return self._stream("GenerateStream", request, timeout, GENERATE)
+
+    def chat(self, model: str, messages: Sequence[Message], sampling: pb.SamplingParams | None = None, *,
+             version: str = "", add_generation_prompt: bool = True, priority: int = 0,
+             timeout: float | None = None) -> pb.ChatResponse:
+        """The assistant's whole reply to `messages` (`.text`), rendered by the model's chat template.
+        `add_generation_prompt=False` continues the final message instead of opening a reply."""
+        request = pb.ChatRequest(model=model, version=version, messages=chat_messages(messages), sampling=sampling,
+                                 add_generation_prompt=add_generation_prompt, priority=priority)
+        return self._unary("Chat", request, timeout, GENERATE, False)
+
+    def chat_stream(self, model: str, messages: Sequence[Message], sampling: pb.SamplingParams | None = None, *,
+                    version: str = "", add_generation_prompt: bool = True, priority: int = 0,
+                    timeout: float | None = None) -> Iterator[pb.ChatStreamResponse]:
+        """The reply as it is produced; the last message has `finish_reason` and `usage`. Closing the
+        iterator early cancels the generation."""
+        request = pb.ChatStreamRequest(model=model, version=version, messages=chat_messages(messages),
+                                       sampling=sampling, add_generation_prompt=add_generation_prompt,
+                                       priority=priority)
+        return self._stream("ChatStream", request, timeout, GENERATE)
 
     def stream_text(self, model: str, prompt: str | Sequence[int], sampling: pb.SamplingParams | None = None,
                     **kwargs) -> Iterator[str]:

@@ -72,10 +72,11 @@ def step_attention(decoder: Decoder, cache: KVCache, call_cost: int, slots_t: to
     prefill_masks = [None if n == 1 and mask.dtype == torch.bool else mask
                      for (_, n, _, _), mask in zip(prefills, prefill_masks, strict=True)]
 
-    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+               ) -> torch.Tensor:
         cache.write(layer, slots_t, pos_t, k, v)
         keys, values = cache.keys[layer], cache.values[layer]
-        scale, gqa = decoder.scales[layer], q.shape[1] != k.shape[1]
+        scale, gqa = decoder.scales[layer] if scale is None else scale, q.shape[1] != k.shape[1]
         out = torch.empty_like(q)
         if decode_rows:
             queries = q.new_zeros(upper, q.shape[1], 1, q.shape[2])

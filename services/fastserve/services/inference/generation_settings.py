@@ -31,6 +31,7 @@ class GenerationSettings:
     max_queue_size: int = 256  # sequences waiting beyond the resident ones
     max_prefill_tokens: int = 256  # prompt tokens per step
     mlfq: MlfqSettings = field(default_factory=MlfqSettings)
+    chat_template: str = ""  # one a load gives in place of the folder's; empty: the folder's
 
     def slots(self) -> int:
         return self.kv_slots or self.max_batch_size * (2 if self.policy == "mlfq" else 1)

@@ -16,7 +16,8 @@ from pathlib import Path
 from fastserve.models.kinds import DECODER, SEQ2SEQ, model_kind
 from fastserve.models.loading import load_model, pick_device, torch_dtype
 from fastserve.models.tokenizers import load_tokenizer
-from fastserve.runtime.errors import DeadlineExceeded, InvalidArgument
+from fastserve.runtime.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from fastserve.services.inference.chat import Chat, open_chat_template
 from fastserve.services.inference.decoder import open_decoder
 from fastserve.services.inference.engine import Engine
 from fastserve.services.inference.generation_settings import GenerationSettings
@@ -27,8 +28,9 @@ from fastserve.services.inference.sequence import Finish, Sequence
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    text: str | None = None  # exactly one of text and token_ids
+    text: str | None = None  # exactly one of text, token_ids and chat
     token_ids: list[int] | None = None
+    chat: Chat | None = None  # rendered by the model's chat template; its turn ends at the template's stop ids
     params: SamplingParams = SamplingParams()
     max_new_tokens_set: bool = False  # False: params.max_new_tokens is the default, fitted to the window
     priority: int = 0
@@ -71,6 +73,7 @@ class Generator:
         self.tokenizer = load_tokenizer(folder, field="model_uri")
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
+        self.chat_template = open_chat_template(folder, settings.chat_template)
         decoder = open_decoder(model)
         self.vocab_size, self.encoder_decoder = decoder.vocab_size, decoder.encoder_decoder
         self.engine = Engine(name, decoder, settings, _eos_ids(folder), self.decode, max_kv_bytes)
@@ -82,7 +85,12 @@ class Generator:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        if request.token_ids is not None:
+        if request.chat is not None:
+            if self.chat_template is None:
+                raise FailedPrecondition(f"model {self.engine.name} has no chat template: load it with one "
+                                         "(config.generation.chat_template)", field="messages")
+            ids, field = self.chat_template.prompt_ids(request.chat), "messages"
+        elif request.token_ids is not None:
             ids, field = list(request.token_ids), "token_ids.ids"
             bad = next((i for i, t in enumerate(ids) if not 0 <= t < self.vocab_size), None)
             if bad is not None:
@@ -103,6 +111,9 @@ class Generator:
     def submit(self, request: GenerationRequest) -> Sequence:
         params = request.params  # checked where the protocol built it (SamplingParams.validate)
         prompt = self.prompt_ids(request)
+        if request.chat is not None:  # added after the check: the bound is on what a request asks for
+            ends = params.stop_token_ids + self.chat_template.end_of_turn
+            params = replace(params, stop_token_ids=tuple(dict.fromkeys(ends)))
         room = self.context - (1 if self.encoder_decoder else len(prompt))  # the window left to generate into
         if not request.max_new_tokens_set:
             params = replace(params, max_new_tokens=min(params.max_new_tokens, room))

@@ -197,6 +197,10 @@ class ModelRepository:
                     raise Unavailable(f"model {name} version {version} is loading with other settings; load it "
                                       "again once it is READY")
             self._check_room(name, version)
+            if not folder.is_dir():
+                # Deleted since it was resolved: a delete checks what is loaded under this lock, so once the
+                # entry below is in, none can go through.
+                raise NotFound(f"{uri} was deleted while the load began", field="model_uri")
             beside = current is not None and current.state is State.READY
             if not beside:  # a FAILED or UNLOADING entry gives way to this load
                 self.models.setdefault(name, {})[version] = entry

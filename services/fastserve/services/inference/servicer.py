@@ -12,6 +12,7 @@ from fastserve.inference.v1 import inference_pb2_grpc
 from fastserve.runtime.errors import InvalidArgument
 from fastserve.runtime.stores import Stores
 from fastserve.services.inference.batcher import BatchingSettings
+from fastserve.services.inference.chat import Chat, Message, check_template
 from fastserve.services.inference.core import Inference
 from fastserve.services.inference.generation_settings import GenerationSettings
 from fastserve.services.inference.generator import Chunk, GenerationRequest, Usage
@@ -27,6 +28,7 @@ TASKS = {pb.MODEL_TASK_UNSPECIFIED: "", pb.MODEL_TASK_EMBEDDING: "embedding",
          pb.MODEL_TASK_SEQUENCE_CLASSIFICATION: "sequence_classification", pb.MODEL_TASK_RAW: "raw",
          pb.MODEL_TASK_GENERATION: "generation"}
 TASK_ENUMS = {v: k for k, v in TASKS.items() if v}
+ROLES = {pb.CHAT_ROLE_SYSTEM: "system", pb.CHAT_ROLE_USER: "user", pb.CHAT_ROLE_ASSISTANT: "assistant"}
 
 
 def deadline_of(context: grpc.ServicerContext) -> float | None:
@@ -66,6 +68,7 @@ def settings_from_proto(config: pb.ModelConfig) -> ModelSettings:
 def generation_settings(config: pb.ModelConfig) -> GenerationSettings:
     g, defaults, mlfq = config.generation, GenerationSettings(), MlfqSettings()
     oldest_places = g.mlfq_oldest_places if g.HasField("mlfq_oldest_places") else mlfq.oldest_places
+    check_template(g.chat_template)
     return GenerationSettings(
         policy="mlfq" if config.scheduling == pb.SCHEDULING_POLICY_MLFQ else "fcfs",
         max_batch_size=config.batching.max_batch_size or defaults.max_batch_size,
@@ -74,21 +77,34 @@ def generation_settings(config: pb.ModelConfig) -> GenerationSettings:
         host_slots=g.host_slots if g.HasField("host_slots") else -1,
         mlfq=MlfqSettings(levels=g.mlfq_levels or mlfq.levels, base_quantum=g.mlfq_base_quantum or mlfq.base_quantum,
                           starvation_ms=g.mlfq_starvation_ms or mlfq.starvation_ms,
-                          oldest_places=oldest_places))
+                          oldest_places=oldest_places),
+        chat_template=g.chat_template)
 
 
-def generation_request(request: pb.GenerateRequest | pb.GenerateStreamRequest,
-                       context: grpc.ServicerContext) -> GenerationRequest:
-    s = request.sampling
-    params = SamplingParams(
+def sampling_of(s: pb.SamplingParams) -> SamplingParams:
+    return SamplingParams(
         max_new_tokens=s.max_new_tokens if s.HasField("max_new_tokens") else SamplingParams.max_new_tokens,
         temperature=s.temperature, top_k=s.top_k, top_p=s.top_p or 1.0,
         repetition_penalty=s.repetition_penalty or 1.0, seed=s.seed if s.HasField("seed") else None,
         stop_sequences=tuple(s.stop_sequences), stop_token_ids=tuple(s.stop_token_ids)).validate()
+
+
+def generation_request(request: pb.GenerateRequest | pb.GenerateStreamRequest,
+                       context: grpc.ServicerContext) -> GenerationRequest:
     prompt = request.WhichOneof("prompt")
     return GenerationRequest(text=request.text if prompt == "text" else None,
                              token_ids=list(request.token_ids.ids) if prompt == "token_ids" else None,
-                             params=params, max_new_tokens_set=s.HasField("max_new_tokens"),
+                             params=sampling_of(request.sampling),
+                             max_new_tokens_set=request.sampling.HasField("max_new_tokens"),
+                             priority=request.priority, deadline=deadline_of(context))
+
+
+def chat_request(request: pb.ChatRequest | pb.ChatStreamRequest, context: grpc.ServicerContext) -> GenerationRequest:
+    """A chat as a generation request, which the model's chat template turns into its prompt."""
+    messages = tuple(Message(ROLES.get(m.role, ""), m.content) for m in request.messages)
+    add = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
+    return GenerationRequest(chat=Chat(messages, add).check(), params=sampling_of(request.sampling),
+                             max_new_tokens_set=request.sampling.HasField("max_new_tokens"),
                              priority=request.priority, deadline=deadline_of(context))
 
 
@@ -98,8 +114,9 @@ def usage_proto(usage: Usage) -> pb.Usage:
                     total_time_ms=usage.total_ms)
 
 
-def chunk_proto(chunk: Chunk) -> pb.GenerateStreamResponse:
-    return pb.GenerateStreamResponse(
+def chunk_proto(chunk: Chunk, reply: type = pb.GenerateStreamResponse):
+    """A stream message of `reply`'s type: GenerateStreamResponse or ChatStreamResponse (the same fields)."""
+    return reply(
         text=chunk.text, token_ids=chunk.token_ids,
         finish_reason=FINISH[chunk.finish] if chunk.finish else pb.FINISH_REASON_UNSPECIFIED,
         usage=usage_proto(chunk.usage) if chunk.usage else None)
@@ -195,6 +212,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         for chunk in chunks:
             yield chunk_proto(chunk)
 
+    def Chat(self, request: pb.ChatRequest, context):
+        _, text, ids, finish, usage = self.core.generate(request.model, request.version, chat_request(request, context),
+                                                         lambda seq: context.add_callback(seq.cancel))
+        return pb.ChatResponse(text=text, token_ids=ids, finish_reason=FINISH[finish], usage=usage_proto(usage))
+
+    def ChatStream(self, request: pb.ChatStreamRequest, context):
+        chunks = self.core.stream(request.model, request.version, chat_request(request, context),
+                                  lambda seq: context.add_callback(seq.cancel))
+        for chunk in chunks:
+            yield chunk_proto(chunk, pb.ChatStreamResponse)
+
     def GetModelStatistics(self, request: pb.GetModelStatisticsRequest, context):
         models = [m for m in self.repository.all() if (not request.name or m.name == request.name) and
                   (not request.version or m.version == request.version)]
@@ -212,6 +240,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
 def register(server: grpc.Server, stores: Stores) -> Sequence[str]:
     from fastserve.kserve.v2 import grpc_service_pb2, grpc_service_pb2_grpc
+    from fastserve.services.inference import registry_servicer
     from fastserve.services.inference.kserve import KServeServicer
 
     core = Inference(ModelRepository(stores.artifacts, stores.config.inference_max_models,
@@ -219,5 +248,6 @@ def register(server: grpc.Server, stores: Stores) -> Sequence[str]:
     core.load_configured(stores.config)
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(core), server)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(core), server)
+    registry = registry_servicer.add(server, stores, core.repository)
     return [pb.DESCRIPTOR.services_by_name["InferenceService"].full_name,
-            grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
+            grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name, registry]
