@@ -31,6 +31,7 @@ def private_env(home: Path, redis_url: str) -> dict[str, str]:
         "FASTSERVE_OPTIMIZATION_METRICS_PORT": "0",
         "FASTSERVE_INFERENCE_METRICS_PORT": "0",
         "FASTSERVE_GRACE_SECONDS": "5",
+        "FASTSERVE_GATEWAY_PORT": str(free_port()),  # a stack's fifth process: never the shared default 8000
     }
 
 

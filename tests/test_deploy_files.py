@@ -5,11 +5,13 @@ and validated against the Kubernetes API schemas (kubernetes-validate ships them
 from __future__ import annotations
 
 import functools
+import http.server
 import importlib
 import importlib.util
 import shutil
 import subprocess
 import sys
+import threading
 import tomllib
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from typer.main import get_command
 
 from fastserve.cli import app
 from fastserve.runtime.config import JOB_SERVICES, SERVICES, Config, describe
+from tests.support.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
@@ -109,6 +112,53 @@ def test_compose_runs_every_service_on_its_default_ports():
         assert spec["environment"]["FASTSERVE_REDIS_URL"] == f"redis://:{COMPOSE_PASSWORD}@redis:6379/0"
         assert spec["environment"]["FASTSERVE_AUTH_TOKEN"] == "${FASTSERVE_AUTH_TOKEN:-}"
         assert spec["environment"]["FASTSERVE_HOST"] == "0.0.0.0"
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    """/health answers 200; anything else 404."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def _run_health_check(test: list[str], env: dict[str, str]) -> int:
+    assert test[0] == "CMD" and test[1:3] == ["python", "-c"], test
+    return subprocess.run([sys.executable, *test[2:]], env=env, capture_output=True, timeout=60).returncode
+
+
+def test_compose_runs_the_gateway_on_loopback_after_inference_with_an_http_health_check(tmp_path):
+    compose = _compose("docker-compose.yml", "docker-compose.gpu.yml")["services"]
+    gateway = compose["gateway"]
+    port = Config().gateway_port
+    assert gateway["command"] == ["python", "-m", "fastserve.services.gateway"]
+    assert gateway["ports"] == [f"127.0.0.1:{port}:{port}"] and not gateway.get("deploy")
+    env = gateway["environment"]
+    assert env["FASTSERVE_HOST"] == "0.0.0.0" and env["FASTSERVE_AUTH_TOKEN"] == "${FASTSERVE_AUTH_TOKEN:-}"
+    # It reaches inference at the inference container's name, once that one is healthy.
+    assert env["FASTSERVE_INFERENCE_HOST"] == "inference" and "inference" in compose
+    assert gateway["depends_on"] == {"inference": {"condition": "service_healthy"}}
+    # The check, run as written: healthy while /health answers 200, not when nothing listens.
+    test = gateway["healthcheck"]["test"]
+    served = free_port()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", served), _Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    child = {"PATH": "/usr/bin:/bin", "FASTSERVE_HOME": str(tmp_path)}
+    try:
+        assert _run_health_check(test, {**child, "FASTSERVE_GATEWAY_PORT": str(served)}) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert _run_health_check(test, {**child, "FASTSERVE_GATEWAY_PORT": str(free_port())}) != 0
+
+
+def test_the_inference_host_the_gateway_is_given_is_a_real_setting():
+    """Compose and Kubernetes point the gateway at the inference container by FASTSERVE_INFERENCE_HOST: a
+    setting of the registry, else the gateway would call its own loopback and never be healthy."""
+    assert "FASTSERVE_INFERENCE_HOST" in {env for env, _, _ in describe()}
 
 
 def _redis_flags(argv: list[str]) -> dict[str, str]:
@@ -239,6 +289,24 @@ def test_grpc_services_are_headless_with_native_grpc_probes(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_gateway_serves_http_on_its_port_ready_on_health_and_finds_inference(overlay):
+    services, deployments = _objects(overlay, "Service"), _objects(overlay, "Deployment")
+    port = Config().gateway_port
+    service, deployment = services["gateway"], deployments["gateway"]
+    assert [(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [("http", port, "http")]
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    container = _container(deployment)
+    assert container["command"] == ["python", "-m", "fastserve.services.gateway"]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": port}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    # An inference outage takes the gateway out of the endpoints (readiness), and restarts no pod.
+    assert "httpGet" not in container["livenessProbe"] and "httpGet" not in container["startupProbe"]
+    inference = {e["name"]: e.get("value") for e in container["env"]}["FASTSERVE_INFERENCE_HOST"]
+    assert Config().port("inference") in [p["port"] for p in services[inference]["spec"]["ports"]]
+    assert "gpu" not in str(container["resources"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_pod_is_non_root_and_fastserve_pods_share_settings_and_artifacts(overlay):
     (config_map,) = _objects(overlay, "ConfigMap").values()
     claim = _objects(overlay, "PersistentVolumeClaim")["fastserve-artifacts"]
@@ -329,7 +397,8 @@ def test_network_policies_let_only_fastserve_pods_reach_redis_and_the_services(o
     fastserve_pods = {name for name in deployments if name != "redis"}
     stranger = {"app": "something-else"}
     defaults = Config()
-    service_ports = {p for s in SERVICES for p in (defaults.port(s), defaults.metrics_port(s))}
+    service_ports = {p for s in SERVICES for p in (defaults.port(s), defaults.metrics_port(s))} | {
+        defaults.gateway_port}
     for policy in policies.values():
         assert policy["spec"]["policyTypes"] == ["Ingress"]
     guarded = {name for name in deployments

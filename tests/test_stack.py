@@ -10,16 +10,18 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 
 import grpc
 import psutil
+import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from fastserve.client.channels import health_status
 from fastserve.runtime.config import SERVICES
-from fastserve.stack.processes import Component
+from fastserve.stack.processes import HTTP_SERVICES, Component
 from tests.support.processes import free_port, port_open
 
 FASTSERVE = Path(sys.executable).with_name("fastserve")
@@ -32,14 +34,22 @@ def _fastserve(env, *args, timeout=180):
 
 
 def test_up_status_down(env, tmp_path):
-    ports = {s: free_port() for s in SERVICES}
+    ports = {s: free_port() for s in (*SERVICES, *HTTP_SERVICES)}
     env = {**env, **{f"FASTSERVE_{s.upper()}_PORT": str(p) for s, p in ports.items()},
            "PATH": "/usr/bin:/bin"}
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         up = _fastserve(env, "up")
         assert up.returncode == 0, up.stdout + up.stderr
-        for service, port in ports.items():
+        # The gateway serves HTTP once inference does: /health, and the OpenAI model list.
+        gateway = f"http://127.0.0.1:{ports['gateway']}"
+        assert "gateway        pid " in up.stdout and gateway in up.stdout
+        with urllib.request.urlopen(f"{gateway}/health", timeout=10) as reply:
+            assert reply.status == 200
+        with urllib.request.urlopen(f"{gateway}/v1/models", timeout=30) as reply:
+            assert "all-MiniLM-L6-v2" in [m["id"] for m in json.load(reply)["data"]]
+        for service in SERVICES:
+            port = ports[service]
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 assert health_status(channel) == "SERVING"
                 assert health_status(channel, f"fastserve.{service}.v1.{service.capitalize()}Service") == "SERVING"
@@ -47,7 +57,12 @@ def test_up_status_down(env, tmp_path):
                     ProtoReflectionDescriptorDatabase(channel).get_services()
         status = _fastserve(env, "status", "--json")
         rows = json.loads(status.stdout)
-        assert status.returncode == 0 and {r["name"] for r in rows} == {*SERVICES, "worker"}
+        assert status.returncode == 0 and {r["name"] for r in rows} == {*SERVICES, "gateway", "worker"}
+        assert {r["name"]: r["state"] for r in rows}["gateway"] == "SERVING"
+        assert [r.get("url") for r in rows if r["name"] == "gateway"] == [gateway]
+        table = _fastserve(env, "status")
+        assert table.returncode == 0 and re.search(rf"^gateway +SERVING +pid \d+ +port {ports['gateway']} {gateway}$",
+                                                   table.stdout, re.M), table.stdout
         pids = [r["pid"] for r in rows]
         _cli_against_the_stack(env)
         assert _fastserve(env, "up").returncode == 0  # idempotent: already up
@@ -78,17 +93,18 @@ def _cli_against_the_stack(env) -> None:
     assert len(missing.stderr.strip().splitlines()) == 1 and "Traceback" not in missing.stderr
 
 
-def test_up_refuses_a_taken_port_with_a_clear_line(env):
+@pytest.mark.parametrize("variable", ["FASTSERVE_TRAINING_PORT", "FASTSERVE_GATEWAY_PORT"])
+def test_up_refuses_a_taken_port_with_a_clear_line(env, variable):
     import socket
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        ports = {f"FASTSERVE_{s.upper()}_PORT": str(free_port()) for s in SERVICES}
-        result = _fastserve({**env, **ports, "FASTSERVE_TRAINING_PORT": str(port)}, "up")
+        ports = {f"FASTSERVE_{s.upper()}_PORT": str(free_port()) for s in (*SERVICES, *HTTP_SERVICES)}
+        result = _fastserve({**env, **ports, variable: str(port)}, "up")
     assert result.returncode == 2
-    assert result.stderr.strip() == f"fastserve: port {port} is in use; free it or set FASTSERVE_TRAINING_PORT"
+    assert result.stderr.strip() == f"fastserve: port {port} is in use; free it or set {variable}"
 
 
 def _cli(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -138,6 +154,29 @@ def test_status_of_a_stack_that_runs_in_part_is_a_failure(tmp_path):
         worker.wait()
 
 
+def test_a_gateway_that_does_not_answer_health_leaves_the_stack_in_part(tmp_path):
+    """A recorded gateway whose process lives but whose /health nothing answers: UNREACHABLE, exit 4."""
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        create_time = psutil.Process(alive.pid).create_time()
+        port = free_port()
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "stack.json").write_text(json.dumps({"redis_url": "", "components": [
+            asdict(Component("gateway", alive.pid, create_time, str(tmp_path / "g.log"), port=port)),
+            asdict(Component("worker", alive.pid, create_time, str(tmp_path / "w.log")))]}))
+        status = _cli(tmp_path, "status")
+        assert status.returncode == 4, status.stdout + status.stderr
+        assert re.search(rf"^gateway +UNREACHABLE +pid {alive.pid} +port {port} http://127.0.0.1:{port}$",
+                         status.stdout, re.M), status.stdout
+        assert "the stack runs in part: gateway not serving; see `fastserve logs gateway`" in status.stdout
+        rows = json.loads(_cli(tmp_path, "status", "--json").stdout)
+        assert [(r["name"], r["state"], r.get("url")) for r in rows] == [
+            ("gateway", "UNREACHABLE", f"http://127.0.0.1:{port}"), ("worker", "RUNNING", None)]
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 def test_logs_prints_the_end_of_a_process_log_and_follows_it(tmp_path):
     log = tmp_path / "logs" / "inference.log"
     log.parent.mkdir()
@@ -151,7 +190,9 @@ def test_logs_prints_the_end_of_a_process_log_and_follows_it(tmp_path):
     unknown = _cli(tmp_path, "logs", "inferense")
     assert unknown.returncode == 2 and unknown.stdout == ""
     assert unknown.stderr == ("fastserve: no stack process 'inferense'; one of preprocessing, training, optimization, "
-                              "inference, worker\n")
+                              "inference, gateway, worker\n")
+    (tmp_path / "logs" / "gateway.log").write_text("gateway line\n")
+    assert _cli(tmp_path, "logs", "gateway").stdout == "gateway line\n"
     missing = _cli(tmp_path, "logs", "worker")
     assert missing.returncode == 2 and missing.stderr.startswith(f"fastserve: no log at {tmp_path / 'logs'}")
 

@@ -47,6 +47,12 @@ from fastserve.storage.artifacts import ArtifactStore
     (SamplingParams(stop_sequences=("x" * 257,)), "sampling.stop_sequences"),
     (SamplingParams(stop_sequences=("",)), "sampling.stop_sequences"),
     (SamplingParams(stop_token_ids=(-4,)), "sampling.stop_token_ids"),
+    (SamplingParams(presence_penalty=math.nan), "sampling.presence_penalty"),
+    (SamplingParams(presence_penalty=2.01), "sampling.presence_penalty"),
+    (SamplingParams(frequency_penalty=-math.inf), "sampling.frequency_penalty"),
+    (SamplingParams(frequency_penalty=-3.0), "sampling.frequency_penalty"),
+    (SamplingParams(logprobs=True, top_logprobs=21), "sampling.top_logprobs"),
+    (SamplingParams(top_logprobs=1), "sampling.top_logprobs"),
 ])
 def test_sampling_values_out_of_bounds_are_refused_naming_the_field(params, field):
     with pytest.raises(InvalidArgument) as error:
@@ -78,6 +84,8 @@ def infer(**parameters) -> kpb.ModelInferRequest:
     ({"seed": {"int64_param": -5}}, "parameters.seed"),
     ({"priority": {"string_param": "high"}}, "parameters.priority"),
     ({"repetition_penalty": {}}, "parameters.repetition_penalty"),
+    ({"presence_penalty": {"string_param": "nan"}}, "parameters.presence_penalty"),
+    ({"frequency_penalty": {"double_param": 3.0}}, "parameters.frequency_penalty"),
 ])
 def test_malformed_kserve_parameters_name_the_parameter(parameters, field):
     with pytest.raises(InvalidArgument) as error:
@@ -87,10 +95,13 @@ def test_malformed_kserve_parameters_name_the_parameter(parameters, field):
 
 def test_kserve_parameters_parse_as_numbers_and_lists():
     request = _generation_request(infer(temperature={"string_param": "0.5"}, top_k={"int64_param": 4},
-                                        stop={"string_param": '["a", "b"]'}, seed={"int64_param": 7}), "hi", None)
+                                        stop={"string_param": '["a", "b"]'}, seed={"int64_param": 7},
+                                        presence_penalty={"double_param": -1.5},
+                                        frequency_penalty={"string_param": "2"}), "hi", None)
     assert isinstance(request, GenerationRequest)
     p = request.params
     assert (p.temperature, p.top_k, p.stop_sequences, p.seed) == (0.5, 4, ("a", "b"), 7)
+    assert (p.presence_penalty, p.frequency_penalty) == (-1.5, 2.0)
 
 
 @pytest.mark.parametrize("config,field", [

@@ -77,6 +77,13 @@ class Config:
         "when the hosts of one stack mount its home at different paths.")
     embedded_redis_port: int = _setting(
         "FASTSERVE_EMBEDDED_REDIS_PORT", 6390, "Loopback port of the embedded Redis, when one is started.", _PORT)
+    gateway_port: int = _setting(
+        "FASTSERVE_GATEWAY_PORT", 8000,
+        "Port of the OpenAI-compatible HTTP gateway (`/v1/...`, `/health`, `/metrics`).", _PORT)
+    inference_host: str = _setting(
+        "FASTSERVE_INFERENCE_HOST", "",
+        "Where the gateway calls the inference service (a container's or Service's name). Empty: "
+        "FASTSERVE_HOST, reached on loopback when it is a wildcard.")
     inference_models: str = _setting(
         "FASTSERVE_INFERENCE_MODELS", "all-MiniLM-L6-v2=builtin://all-MiniLM-L6-v2",
         "Models the inference service loads at start, `name=uri` comma-separated; `none` for none.")

@@ -20,7 +20,7 @@ from fastserve.cli.common import LocalError, command, print_json, state
 from fastserve.runtime.config import SERVICES, Config, describe
 from fastserve.runtime.errors import FastServeError
 from fastserve.stack.demo import run_demo
-from fastserve.stack.processes import Stack
+from fastserve.stack.processes import HTTP_SERVICES, Stack
 
 
 def _command(app: typer.Typer, name: str, **kwargs):
@@ -56,12 +56,15 @@ def register(app: typer.Typer) -> None:
     def up(ctx: typer.Context,
            timeout: Annotated[float, typer.Option(help="Seconds to wait for every health check.")] = 120.0) -> int:
         config = Config.from_env()
-        components = Stack(config).up(timeout=timeout)
+        stack = Stack(config)
+        components = stack.up(timeout=timeout)
         if state(ctx).json:
-            print_json([{"name": c.name, "pid": c.pid, "port": c.port, "log": c.log} for c in components])
+            print_json([{"name": c.name, "pid": c.pid, "port": c.port, "log": c.log,
+                         **({"url": stack.url(c)} if c.name in HTTP_SERVICES else {})} for c in components])
             return 0
         for c in components:
-            print(f"{c.name:<14} pid {c.pid:<8} {'port ' + str(c.port) if c.port else ''}")
+            url = f" {stack.url(c)}" if c.name in HTTP_SERVICES else ""
+            print(f"{c.name:<14} pid {c.pid:<8} {'port ' + str(c.port) if c.port else ''}{url}")
         print(f"FastServe is up (state and logs under {config.home}); stop it with `make down`.{_path_hint()}")
         return 0
 
@@ -89,7 +92,8 @@ def register(app: typer.Typer) -> None:
             return code
         for row in rows:
             port = f"port {row['port']}" if row["port"] else ""
-            print(f"{row['name']:<14} {row['state']:<12} pid {row['pid']:<8} {port}")
+            url = f" {row['url']}" if "url" in row else ""
+            print(f"{row['name']:<14} {row['state']:<12} pid {row['pid']:<8} {port}{url}")
         if code == NOT_RUNNING:
             print("the stack is not running: start it with `make up` (or `fastserve up`)")
         elif code == IN_PART:
@@ -144,7 +148,7 @@ def register(app: typer.Typer) -> None:
         return 0
 
 
-PROCESSES = (*SERVICES, "worker")
+PROCESSES = (*SERVICES, *HTTP_SERVICES, "worker")
 """The processes whose logs are always FASTSERVE_HOME/logs/<process>.log."""
 
 

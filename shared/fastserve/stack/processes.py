@@ -1,9 +1,10 @@
-"""The local stack: Redis if needed, the four services and a Celery worker, as background processes.
+"""The local stack: Redis if needed, the four gRPC services, the HTTP gateway and a Celery worker, as
+background processes.
 
 `up` starts them, records each process (pid and start time) in `FASTSERVE_HOME/run/stack.json` and
-returns once every health check says SERVING and the worker answers a ping; `down` stops exactly the
-processes recorded there (a recycled pid is recognised by its start time and left alone); `status`
-reports them.
+returns once every health check says SERVING (the gateway's: `GET /health` answers 200) and the
+worker answers a ping; `down` stops exactly the processes recorded there (a recycled pid is recognised
+by its start time and left alone); `status` reports them.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -30,6 +34,10 @@ from fastserve.runtime.errors import FailedPrecondition, Unavailable
 from fastserve.runtime.redis_server import resolve_redis_url
 
 log = logging.getLogger(__name__)
+
+HTTP_SERVICES: tuple[str, ...] = ("gateway",)
+"""The stack's HTTP services, started after the gRPC ones (the gateway calls inference); each serves on
+`Config.<name>_port` and answers `GET /health` with 200 when it serves."""
 
 
 @dataclass
@@ -80,8 +88,8 @@ class Stack:
             return running
         if running:
             self.down()
-        for service in SERVICES:
-            _require_free(self.config.host, self.config.port(service), f"FASTSERVE_{service.upper()}_PORT")
+        for service in (*SERVICES, *HTTP_SERVICES):
+            _require_free(self.config.host, self.port(service), f"FASTSERVE_{service.upper()}_PORT")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         redis_url, embedded = resolve_redis_url(self.config.redis_url, self.config.home,
                                                 self.config.embedded_redis_port)
@@ -91,9 +99,9 @@ class Stack:
                                          embedded.port))
         env = {**os.environ, **self.config.env(), "FASTSERVE_REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
         try:
-            for service in SERVICES:
+            for service in (*SERVICES, *HTTP_SERVICES):
                 components.append(self._spawn(service, [sys.executable, "-m", f"fastserve.services.{service}"], env,
-                                              self.config.port(service)))
+                                              self.port(service)))
             node = f"fastserve-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
             worker = self._spawn("worker", [
                 sys.executable, "-m", "celery", "-A", "fastserve.runtime.celery_app", "worker",
@@ -127,7 +135,7 @@ class Stack:
             log.info("%s ready (pid %d)", c.name, c.pid)
 
     def _ready(self, c: Component, redis_url: str) -> bool:
-        if c.name in SERVICES:
+        if c.name in SERVICES or c.name in HTTP_SERVICES:
             return self.health(c) == "SERVING"
         if c.name == "worker":
             # In the stack's namespace: a worker answers control messages of its own namespace only.
@@ -135,7 +143,20 @@ class Stack:
             return any(c.node in reply for reply in app.control.ping(destination=[c.node], timeout=1.0) or [])
         return c.process() is not None
 
+    def port(self, service: str) -> int:
+        """The port `service` (gRPC or HTTP) serves on."""
+        return self.config.port(service) if service in SERVICES else int(getattr(self.config, f"{service}_port"))
+
+    def url(self, c: Component) -> str:
+        """Where a client on this machine reaches HTTP service `c` (https when the stack serves TLS)."""
+        scheme = "https" if self.config.tls_cert else "http"
+        return f"{scheme}://{self.config.client_host}:{c.port}"
+
     def health(self, c: Component) -> str:
+        """`SERVING`, `NOT_SERVING`, ... as the gRPC health service says; for an HTTP service, `SERVING` when
+        `GET /health` answers 200, `NOT_SERVING` for another status, `UNREACHABLE` without an answer."""
+        if c.name in HTTP_SERVICES:
+            return http_health(f"{self.url(c)}/health", self.config.tls_cert)
         with open_channel(f"{self.config.client_host}:{c.port}", self.config) as channel:
             return health_status(channel)
 
@@ -161,10 +182,26 @@ class Stack:
         rows = []
         for c in self.components():
             alive = c.process() is not None
-            state = ("RUNNING" if alive else "STOPPED") if c.name not in SERVICES else \
-                (self.health(c) if alive else "STOPPED")
-            rows.append({"name": c.name, "pid": c.pid, "port": c.port, "state": state, "log": c.log})
+            served = c.name in SERVICES or c.name in HTTP_SERVICES
+            state = ("RUNNING" if alive else "STOPPED") if not served else (self.health(c) if alive else "STOPPED")
+            row = {"name": c.name, "pid": c.pid, "port": c.port, "state": state, "log": c.log}
+            if c.name in HTTP_SERVICES:
+                row["url"] = self.url(c)
+            rows.append(row)
         return rows
+
+
+def http_health(url: str, tls_ca: str = "", timeout: float = 2.0) -> str:
+    """`SERVING` when `GET url` answers 200, `NOT_SERVING` for another HTTP status, `UNREACHABLE` when
+    nothing answers; an https URL is checked against `tls_ca` (the stack's own certificate)."""
+    context = ssl.create_default_context(cafile=tls_ca or None) if url.startswith("https:") else None
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as reply:
+            return "SERVING" if reply.status == 200 else "NOT_SERVING"
+    except urllib.error.HTTPError:
+        return "NOT_SERVING"
+    except (OSError, ValueError):
+        return "UNREACHABLE"
 
 
 def _component(name: str, proc: subprocess.Popen, log_path: str, port: int = 0) -> Component:

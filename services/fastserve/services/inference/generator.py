@@ -21,7 +21,14 @@ from fastserve.services.inference.chat import Chat, open_chat_template
 from fastserve.services.inference.decoder import open_decoder
 from fastserve.services.inference.engine import Engine
 from fastserve.services.inference.generation_settings import GenerationSettings
-from fastserve.services.inference.output_processor import final_text, raise_if_cut_short, text_stream
+from fastserve.services.inference.logprobs import Logprob
+from fastserve.services.inference.output_processor import (
+    final_logprobs,
+    final_text,
+    named,
+    raise_if_cut_short,
+    text_stream,
+)
 from fastserve.services.inference.sampling_params import SamplingParams
 from fastserve.services.inference.sequence import Finish, Sequence
 
@@ -48,12 +55,14 @@ class Usage:
 
 @dataclass(frozen=True)
 class Chunk:
-    """A piece of a streamed completion; the last one has `finish` and `usage`."""
+    """A piece of a streamed completion; the last one has `finish` and `usage`. `logprobs`: with
+    SamplingParams.logprobs, those that go with this piece (output_processor.py)."""
 
     text: str
     token_ids: list[int]
     finish: Finish | None = None
     usage: Usage | None = None
+    logprobs: list[Logprob] = ()
 
 
 class Generator:
@@ -131,11 +140,16 @@ class Generator:
         raise_if_cut_short(seq, deadline)
         return final_text(seq, self.decode), seq.generated, seq.finish, usage(seq)
 
+    def logprobs(self, seq: Sequence, text: str) -> list[Logprob]:
+        """A completed sequence's logprobs, those of the tokens that make `text` (what `complete` returned),
+        with their texts; empty unless it asked for them."""
+        return named(final_logprobs(seq, self.decode, text), self.decode)
+
     def stream(self, seq: Sequence, deadline: float | None) -> Iterator[Chunk]:
         """Chunks as tokens come: every token the engine produced since the previous chunk."""
         for piece in text_stream(seq, self.decode, deadline):
             yield Chunk(piece.text, piece.token_ids, seq.finish if piece.last else None,
-                        usage(seq) if piece.last else None)
+                        usage(seq) if piece.last else None, named(piece.logprobs, self.decode))
 
     def drain(self) -> None:
         self.engine.drain()

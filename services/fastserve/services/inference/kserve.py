@@ -3,11 +3,12 @@
 An embedding model takes input `text` (BYTES, shape [N]) and returns `embedding` (FP32, [N, dim]); a
 classifier returns `label` (BYTES, [N]) and `scores` (FP32, [N, labels]). A generative model takes
 `text_input` (BYTES, [N]) with optional request parameters (max_tokens, temperature, top_k, top_p,
-repetition_penalty, seed, stop: one string or a JSON list) and returns `text_output` (BYTES, [N]);
-ModelStreamInfer streams its chunks, as Triton's decoupled models do. Inputs come as raw contents
-(each BYTES element a 4-byte little-endian length and its bytes) or typed contents; outputs always
-go in `raw_output_contents`. RepositoryModelLoad takes parameters `uri`, `backend` and `task`; without
-them it loads as LoadModel without a config does (the served settings; backend and task the folder's).
+repetition_penalty, presence_penalty, frequency_penalty, seed, stop: one string or a JSON list) and
+returns `text_output` (BYTES, [N]); ModelStreamInfer streams its chunks, as Triton's decoupled models
+do. Inputs come as raw contents (each BYTES element a 4-byte little-endian length and its bytes) or
+typed contents; outputs always go in `raw_output_contents`. RepositoryModelLoad takes parameters `uri`,
+`backend` and `task`; without them it loads as LoadModel without a config does (the served settings;
+backend and task the folder's).
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ def _stop_param(parameters) -> tuple[str, ...]:
 
 # SamplingParams attributes by their KServe parameter names, for the field an error names.
 _FIELDS = {"max_new_tokens": "parameters.max_tokens", "stop_sequences": "parameters.stop",
-           **{a: f"parameters.{a}" for a in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")}}
+           **{a: f"parameters.{a}" for a in ("temperature", "top_k", "top_p", "repetition_penalty", "seed",
+                                             "presence_penalty", "frequency_penalty")}}
 
 
 def _generation_request(request: kpb.ModelInferRequest, text: str, deadline: float | None) -> GenerationRequest:
@@ -148,7 +150,9 @@ def _generation_request(request: kpb.ModelInferRequest, text: str, deadline: flo
         max_new_tokens=_int_param(p, "max_tokens", defaults.max_new_tokens),
         temperature=_float_param(p, "temperature", 0.0), top_k=_int_param(p, "top_k", 0),
         top_p=_float_param(p, "top_p", 1.0), repetition_penalty=_float_param(p, "repetition_penalty", 1.0),
-        seed=_int_param(p, "seed", None), stop_sequences=_stop_param(p)).validate(_FIELDS)
+        seed=_int_param(p, "seed", None), stop_sequences=_stop_param(p),
+        presence_penalty=_float_param(p, "presence_penalty", 0.0),
+        frequency_penalty=_float_param(p, "frequency_penalty", 0.0)).validate(_FIELDS)
     return GenerationRequest(text=text, params=params, max_new_tokens_set="max_tokens" in p,
                              priority=_int_param(p, "priority", 0), deadline=deadline)
 

@@ -27,7 +27,7 @@ from fastserve.runtime.errors import InvalidArgument
 from fastserve.services.inference.attention import CALL_COST, step_attention, step_cross_attention
 from fastserve.services.inference.decoder import Decoder
 from fastserve.services.inference.kv_cache import KVCache, slot_bytes
-from fastserve.services.inference.sampling import Sampler, SamplingError, choose_tokens
+from fastserve.services.inference.sampling import Sampler, SamplingError, choose_tokens, token_logprobs
 from fastserve.services.inference.step import RunnerOutput, ScheduledSequence, SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class _Running:
     sampler: Sampler
     tokens: list[int]  # its start and every token sampled since: what a repetition penalty has seen
     source: list[int] | None
+    prompt_length: int  # its start's: the tokens after it are those presence and frequency penalties count
 
 
 def _check_memory(per_slot: int, slots: int, host_slots: int, max_bytes: float) -> None:
@@ -80,7 +81,8 @@ class ModelRunner:
             self.host.pop(seq_id, None)
         for new in step.new_sequences:
             try:
-                self.running[new.seq_id] = _Running(Sampler(new.params), list(new.token_ids), new.source)
+                self.running[new.seq_id] = _Running(Sampler(new.params), list(new.token_ids), new.source,
+                                                    len(new.token_ids))
             except (RuntimeError, ValueError, OverflowError):  # torch refused its seed
                 log.warning("sequence %d cannot sample", new.seq_id, exc_info=True)
                 failed[new.seq_id] = "its sampling parameters cannot be used"
@@ -141,11 +143,20 @@ class ModelRunner:
             return
         logits = self.decoder.logits(hidden[as_tensor(last_rows)])
         sampling = [self.running[seq_id] for seq_id in sampled]
-        tokens = choose_tokens(logits, [r.sampler for r in sampling], [r.tokens for r in sampling])
-        for seq_id, r, token in zip(sampled, sampling, tokens, strict=True):
+        tokens = choose_tokens(logits, [r.sampler for r in sampling], [r.tokens for r in sampling],
+                               [r.prompt_length for r in sampling])
+        # Logprobs from the raw logits, for the rows that ask alone.
+        asking = [j for j, (r, token) in enumerate(zip(sampling, tokens, strict=True))
+                  if r.sampler.params.logprobs and not isinstance(token, SamplingError)]
+        measured = dict(zip(asking, token_logprobs(logits, asking, [tokens[j] for j in asking],
+                                                   [sampling[j].sampler.params.top_logprobs for j in asking]),
+                            strict=True)) if asking else {}
+        for j, (seq_id, r, token) in enumerate(zip(sampled, sampling, tokens, strict=True)):
             if isinstance(token, SamplingError):
                 out.failed[seq_id] = str(token)
                 continue
             r.tokens.append(token)
             out.seq_ids.append(seq_id)
             out.sampled_token_ids.append([token])
+            if j in measured:
+                out.logprobs[seq_id] = [measured[j]]

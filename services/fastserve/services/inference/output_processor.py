@@ -7,6 +7,11 @@ the scheduler to stop the sequence in the same step. Streams get each step's new
 streaming, the last characters that could still turn out to start one are held back until they cannot).
 A sequence whose output cannot be processed (its detokenizing fails) fails alone: the engine ends it
 with ERROR and its caller gets the error; so does one the runner failed. No torch here.
+
+Logprobs (a sequence that asks has one per generated token) stay with the text: a completion's are those
+of the tokens that make its text, so a stop sequence that cuts the text drops the logprobs of the tokens
+wholly inside the cut part; a streamed piece carries those of its token ids, or, with stop sequences
+(whose text is held back), those of the tokens whose text it completes.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 
 from fastserve.runtime.errors import Cancelled, DeadlineExceeded, FastServeError
 from fastserve.services.inference.generation_metrics import EngineMetrics
+from fastserve.services.inference.logprobs import Candidate, Logprob, TokenLogprob
 from fastserve.services.inference.sequence import Finish, Sequence, SequenceUpdate
 
 log = logging.getLogger(__name__)
@@ -80,11 +86,13 @@ class OutputProcessor:
 
 @dataclass(frozen=True)
 class Piece:
-    """Text and token ids produced since the previous piece; `last` ends the stream."""
+    """Text and token ids produced since the previous piece, and the logprobs that go with them (see the
+    module docstring); `last` ends the stream."""
 
     text: str
     token_ids: list[int]
     last: bool
+    logprobs: list[TokenLogprob] = ()
 
 
 def raise_if_cut_short(seq: Sequence, deadline: float | None) -> None:
@@ -104,23 +112,75 @@ def final_text(seq: Sequence, decode: Decode) -> str:
     return text
 
 
+def final_logprobs(seq: Sequence, decode: Decode, text: str) -> list[TokenLogprob]:
+    """The logprobs of the tokens that make `text`, the completion's final text (final_text)."""
+    return seq.logprobs[:_making(seq, decode, len(text))]
+
+
+def _making(seq: Sequence, decode: Decode, length: int) -> int:
+    """How many leading generated tokens make a final text of `length` characters: all of them unless a stop
+    sequence cut the text; then those that start before the cut or end within it."""
+    ids = seq.generated
+    n = min(len(ids), len(seq.logprobs))
+    if not (seq.params.logprobs and seq.finish is Finish.STOP and seq.params.stop_sequences):
+        return n
+    after = len(decoded(decode, ids[:n]))
+    # The cut is in the tail (stops are found as tokens come), so this walks back over a few tokens.
+    while n > 0 and after > length:
+        before = len(decoded(decode, ids[:n - 1]))
+        if before < length:
+            break
+        n, after = n - 1, before
+    return n
+
+
+def _completed(decode: Decode, ids: list[int], start: int, length: int) -> int:
+    """`start` and the following tokens whose text ends within the first `length` characters: how many lead."""
+    n = start
+    while n < len(ids) and len(decoded(decode, ids[:n + 1])) <= length:
+        n += 1
+    return n
+
+
+def named(logprobs: list[TokenLogprob], decode: Decode) -> list[Logprob]:
+    """`logprobs` with each token's text (decoded alone)."""
+    texts: dict[int, str] = {}
+
+    def text(token: int) -> str:
+        if token not in texts:
+            texts[token] = decoded(decode, [token])
+        return texts[token]
+
+    return [Logprob(lp.token_id, text(lp.token_id), lp.logprob,
+                    tuple(Candidate(t, text(t), value) for t, value in lp.top)) for lp in logprobs]
+
+
 def text_stream(seq: Sequence, decode: Decode, deadline: float | None) -> Iterator[Piece]:
     """Pieces as tokens come: every token the engine produced since the previous piece."""
-    stops = seq.params.stop_sequences
+    stops, asked = seq.params.stop_sequences, seq.params.logprobs
     hold = max(map(len, stops), default=1) - 1
-    emitted, sent_ids, ended = "", 0, False
+    emitted, sent_ids, sent_logprobs, ended = "", 0, 0, False
     while not ended:
         batch = [seq.events.get()]
         while not seq.events.empty():
             batch.append(seq.events.get())
         ended = batch[-1] is None
+        generated = seq.generated  # a token's logprob is in before the token (the scheduler's order)
         if ended:
             raise_if_cut_short(seq, deadline)
             text = final_text(seq, decode)
         else:
-            text = decoded(decode, seq.generated).rstrip("\ufffd")  # wait for a character's last bytes
+            text = decoded(decode, generated).rstrip("\ufffd")  # wait for a character's last bytes
             text = text[:max(len(text) - hold, 0)] if stops else text
-        ids = seq.generated[sent_ids:]
+        ids = generated[sent_ids:]
         if text.startswith(emitted) and (len(text) > len(emitted) or ids or ended):
-            yield Piece(text[len(emitted):], ids, ended)
-            emitted, sent_ids = text, sent_ids + len(ids)
+            if not asked:
+                upto = sent_logprobs
+            elif ended:
+                upto = _making(seq, decode, len(text))
+            elif stops:
+                upto = _completed(decode, generated, sent_logprobs, len(text))
+            else:
+                upto = len(generated)
+            yield Piece(text[len(emitted):], ids, ended, seq.logprobs[sent_logprobs:upto])
+            emitted, sent_ids, sent_logprobs = text, sent_ids + len(ids), max(upto, sent_logprobs)

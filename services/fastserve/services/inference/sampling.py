@@ -1,8 +1,11 @@
-"""Choosing the next token from logits: greedy, or sampled with temperature, top-k, top-p and a
-repetition penalty (the transformers definitions), reproducibly per request when it gives a seed.
+"""Choosing the next token from logits: greedy, or sampled with temperature, top-k and top-p, after a
+repetition penalty (the transformers definition, over the prompt and the generated tokens) and presence
+and frequency penalties (OpenAI's, over the generated tokens only), reproducibly per request when it
+gives a seed; and the logprobs of the chosen tokens for the rows that ask (logprobs.py).
 
 The model runner keeps one `Sampler` per running sequence; the parameters themselves are plain data
-in sampling_params.py, which the scheduler reads without importing torch.
+in sampling_params.py, which the scheduler reads without importing torch. The penalties are applied to
+the batch's penalised rows at once, from token counts built by a scatter, not per token.
 
 A row that cannot be sampled (NaN logits, or probabilities that are not finite after its penalty and
 temperature) is a `SamplingError` for that row alone: `choose_tokens` returns it in the row's place so
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastserve.services.inference.logprobs import TokenLogprob
 from fastserve.services.inference.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -39,18 +43,9 @@ class Sampler:
             else:
                 self.generator.seed()
 
-    def choose(self, logits: torch.Tensor, seen: list[int]) -> int:
-        """The next token from this sequence's logits [vocab] (float32, on the CPU)."""
+    def choose(self, logits: torch.Tensor) -> int:
+        """The next token from this sequence's penalised logits [vocab] (float32, on the CPU)."""
         p = self.params
-        if p.repetition_penalty != 1.0 and seen:
-            index = torch.tensor(sorted(set(seen)), dtype=torch.long)
-            picked = logits[index]
-            logits = logits.clone()
-            logits[index] = torch.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
-        if p.temperature == 0.0:
-            if bool(torch.isnan(logits).any()):
-                raise SamplingError("the repetition penalty made the logits NaN")
-            return int(logits.argmax())
         logits = logits / p.temperature
         if 0 < p.top_k < logits.numel():
             kth = torch.topk(logits, p.top_k).values[-1]
@@ -67,21 +62,77 @@ class Sampler:
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
-def choose_tokens(logits: torch.Tensor, samplers: list[Sampler], seen: list[list[int]]) -> list[int | SamplingError]:
-    """Next tokens for a batch of rows [n, vocab]: one argmax for the greedy rows, per row otherwise; a
-    row that fails is its SamplingError."""
-    greedy = logits.argmax(-1).tolist()
+def _counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[rows, vocab] float32: how often each token id occurs in each row's list (ids outside the vocabulary,
+    sent to a spare column, are not counted)."""
+    width = max(map(len, token_lists), default=0)
+    padded = torch.tensor([t + [vocab] * (width - len(t)) for t in token_lists], dtype=torch.long)
+    padded = padded.clamp_(0, vocab).to(device)
+    counts = torch.zeros(len(token_lists), vocab + 1, device=device)
+    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))
+    return counts[:, :vocab]
+
+
+def penalise(logits: torch.Tensor, samplers: list[Sampler], seen: list[list[int]],
+             prompt_lengths: list[int]) -> torch.Tensor:
+    """`logits` [n, vocab] with each row's penalties: the repetition penalty on every token in `seen` (its
+    prompt and generated tokens), then `presence * (count > 0) + frequency * count` subtracted, counting
+    the tokens after its first `prompt_lengths` ones. `logits` itself when no row is penalised, else a copy."""
+    rows = [i for i, s in enumerate(samplers) if s.params.penalised]
+    if not rows:
+        return logits
+    device, vocab = logits.device, logits.shape[-1]
+    params = [samplers[i].params for i in rows]
+    column = lambda values: torch.tensor(values, dtype=logits.dtype, device=device).unsqueeze(1)  # noqa: E731
+    index = torch.tensor(rows, device=device)
+    part = logits[index]
+    if any(p.repetition_penalty != 1.0 for p in params):
+        r = column([p.repetition_penalty for p in params])  # 1 in the rows without one: x * 1 == x / 1 == x
+        present = _counts([seen[i] for i in rows], vocab, device) > 0
+        part = torch.where(present, torch.where(part < 0, part * r, part / r), part)
+    if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
+        counts = _counts([seen[i][prompt_lengths[i]:] for i in rows], vocab, device)
+        part = (part - column([p.frequency_penalty for p in params]) * counts
+                - column([p.presence_penalty for p in params]) * (counts > 0))
+    return logits.index_copy(0, index, part)
+
+
+def choose_tokens(logits: torch.Tensor, samplers: list[Sampler], seen: list[list[int]],
+                  prompt_lengths: list[int]) -> list[int | SamplingError]:
+    """Next tokens for a batch of rows [n, vocab], `seen[i]` the tokens row i has (its first `prompt_lengths[i]`
+    its prompt): the penalties on the penalised rows, one argmax for the greedy rows, a draw per row
+    otherwise; a row that fails is its SamplingError. `logits` is left as it is."""
     nan_rows = torch.isnan(logits).any(-1).tolist()
+    penalised = penalise(logits, samplers, seen, prompt_lengths)
+    penalised_nan = nan_rows if penalised is logits else torch.isnan(penalised).any(-1).tolist()
+    logits = penalised
+    greedy = logits.argmax(-1).tolist()
     tokens: list[int | SamplingError] = []
     for i, s in enumerate(samplers):
         if nan_rows[i]:
             tokens.append(SamplingError("the model produced NaN logits for this sequence"))
             continue
+        if penalised_nan[i]:
+            tokens.append(SamplingError("the sampling penalties made the logits NaN"))
+            continue
         try:
-            tokens.append(greedy[i] if s.params.greedy else s.choose(logits[i].cpu(), seen[i]))
+            tokens.append(greedy[i] if s.params.greedy else s.choose(logits[i].cpu()))
         except SamplingError as exc:
             tokens.append(exc)
         except RuntimeError as exc:  # a torch kernel refused this row's values
             log.warning("sampling one row failed", exc_info=True)
             tokens.append(SamplingError(f"sampling failed ({type(exc).__name__})"))
     return tokens
+
+
+def token_logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int], tops: list[int]) -> list[TokenLogprob]:
+    """For each of `rows` of the raw `logits` [n, vocab]: the logprob of its chosen token and its `tops[j]`
+    most likely tokens; one log-softmax and one top-k over those rows alone."""
+    device = logits.device
+    logprobs = torch.log_softmax(logits[torch.tensor(rows, device=device)], -1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=device).unsqueeze(1)).squeeze(1).tolist()
+    k = min(max(tops), logprobs.shape[-1])
+    values, ids = torch.topk(logprobs, k, -1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    values, ids = values.tolist(), ids.tolist()
+    return [TokenLogprob(token, value, tuple(zip(ids[j][:tops[j]], values[j][:tops[j]], strict=True)))
+            for j, (token, value) in enumerate(zip(tokens, chosen, strict=True))]

@@ -13,12 +13,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fastserve.runtime.errors import InvalidArgument
+from fastserve.services.inference.logprobs import MAX_TOP_LOGPROBS
 
 DEFAULT_MAX_NEW_TOKENS = 64
 MAX_NEW_TOKENS = 8192  # above any window the engine serves (2048); the window check is the generator's
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0  # below: logits / t overflows; above: uniform noise
 MAX_TOP_K = 1 << 20  # above any vocabulary; a top_k above the model's vocabulary filters nothing
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 100.0
+MAX_PENALTY = 2.0  # presence and frequency penalties, in [-2, 2] as in OpenAI's API
 MAX_SEED = 2**63 - 1
 MAX_STOP_SEQUENCES, MAX_STOP_LENGTH = 16, 256  # each stop costs a tail decode per token
 MAX_STOP_TOKEN_IDS = 64
@@ -39,10 +41,19 @@ class SamplingParams:
     seed: int | None = None
     stop_sequences: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    presence_penalty: float = 0.0  # OpenAI's: on the tokens this sequence generated, not the prompt's
+    frequency_penalty: float = 0.0
+    logprobs: bool = False  # each generated token's logprob (logprobs.py)
+    top_logprobs: int = 0  # with logprobs: this many most likely alternatives per token
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 and self.repetition_penalty == 1.0
+        """The argmax of the (penalised) logits: no temperature."""
+        return self.temperature == 0.0
+
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def validate(self, fields: Mapping[str, str] | None = None) -> SamplingParams:
         """Self, or InvalidArgument naming the request field at fault: `fields` maps an attribute to the
@@ -66,6 +77,14 @@ class SamplingParams:
                                             f"{MAX_REPETITION_PENALTY:g}], got {r}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise bad("seed", f"seed must be in [0, 2^63 - 1], got {self.seed}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and -MAX_PENALTY <= value <= MAX_PENALTY):
+                raise bad(name, f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise bad("top_logprobs", f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.top_logprobs and not self.logprobs:
+            raise bad("top_logprobs", "top_logprobs needs logprobs")
         self._validate_stops(bad)
         return self
 

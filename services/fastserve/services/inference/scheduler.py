@@ -115,6 +115,8 @@ class Scheduler:
         for seq_id, sampled in zip(out.seq_ids, out.sampled_token_ids, strict=True):
             seq = self.by_id[seq_id]
             kept, finish = self._check_tokens(seq, sampled)
+            if seq_id in out.logprobs:  # an EOS or stop token id, not returned, takes its logprob with it
+                seq.logprobs.extend(out.logprobs[seq_id][:len(kept)])  # first: a stream reading a token finds it
             seq.tokens.extend(kept)
             if kept and self.policy.account(seq, len(kept)):
                 self.metrics.demotions.inc()

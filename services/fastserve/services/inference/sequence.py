@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from fastserve.services.inference.logprobs import TokenLogprob
 from fastserve.services.inference.sampling_params import SamplingParams
 
 
@@ -36,6 +37,7 @@ class Sequence:
     order: int = 0  # arrival order, given by the scheduler; also the sequence's id in steps
     arrival: float = field(default_factory=time.monotonic)
     tokens: list[int] = field(default_factory=list)  # prompt + generated: what the cache must hold
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs: one per generated token
     cached: int = 0  # leading tokens whose keys/values are in the slot (or its host copy)
     slot: int | None = None
     on_host: bool = False  # evicted with its cache copied to host memory (the runner holds the copy)

@@ -16,6 +16,7 @@ from fastserve.services.inference.chat import Chat, Message, check_template
 from fastserve.services.inference.core import Inference
 from fastserve.services.inference.generation_settings import GenerationSettings
 from fastserve.services.inference.generator import Chunk, GenerationRequest, Usage
+from fastserve.services.inference.logprobs import Logprob
 from fastserve.services.inference.repository import LoadedModel, ModelRepository, ModelSettings
 from fastserve.services.inference.sampling_params import SamplingParams
 from fastserve.services.inference.scheduling import MlfqSettings
@@ -86,7 +87,9 @@ def sampling_of(s: pb.SamplingParams) -> SamplingParams:
         max_new_tokens=s.max_new_tokens if s.HasField("max_new_tokens") else SamplingParams.max_new_tokens,
         temperature=s.temperature, top_k=s.top_k, top_p=s.top_p or 1.0,
         repetition_penalty=s.repetition_penalty or 1.0, seed=s.seed if s.HasField("seed") else None,
-        stop_sequences=tuple(s.stop_sequences), stop_token_ids=tuple(s.stop_token_ids)).validate()
+        stop_sequences=tuple(s.stop_sequences), stop_token_ids=tuple(s.stop_token_ids),
+        presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty, logprobs=s.logprobs,
+        top_logprobs=s.top_logprobs).validate()
 
 
 def generation_request(request: pb.GenerateRequest | pb.GenerateStreamRequest,
@@ -114,12 +117,32 @@ def usage_proto(usage: Usage) -> pb.Usage:
                     total_time_ms=usage.total_ms)
 
 
+def logprobs_proto(logprobs: Sequence[Logprob]) -> list[pb.TokenLogprob]:
+    return [pb.TokenLogprob(token_id=lp.token_id, text=lp.text, logprob=lp.logprob,
+                            top=[pb.TopLogprob(token_id=c.token_id, text=c.text, logprob=c.logprob) for c in lp.top])
+            for lp in logprobs]
+
+
 def chunk_proto(chunk: Chunk, reply: type = pb.GenerateStreamResponse):
     """A stream message of `reply`'s type: GenerateStreamResponse or ChatStreamResponse (the same fields)."""
     return reply(
         text=chunk.text, token_ids=chunk.token_ids,
         finish_reason=FINISH[chunk.finish] if chunk.finish else pb.FINISH_REASON_UNSPECIFIED,
-        usage=usage_proto(chunk.usage) if chunk.usage else None)
+        usage=usage_proto(chunk.usage) if chunk.usage else None, logprobs=logprobs_proto(chunk.logprobs))
+
+
+def completion_reply(core: Inference, request, generation: GenerationRequest, context, reply: type):
+    """A whole completion as `reply` (GenerateResponse or ChatResponse: the same fields), its sequence
+    cancelled if the call ends first."""
+    started = []
+
+    def bind(seq) -> None:
+        started.append(seq)  # kept for its logprobs
+        context.add_callback(seq.cancel)
+
+    model, text, ids, finish, usage = core.generate(request.model, request.version, generation, bind)
+    return reply(text=text, token_ids=ids, finish_reason=FINISH[finish], usage=usage_proto(usage),
+                 logprobs=logprobs_proto(model.backend.logprobs(started[0], text)))
 
 
 FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS,
@@ -201,10 +224,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return pb.ClassifyResponse(results=classifications)
 
     def Generate(self, request: pb.GenerateRequest, context):
-        _, text, ids, finish, usage = self.core.generate(request.model, request.version,
-                                                         generation_request(request, context),
-                                                         lambda seq: context.add_callback(seq.cancel))
-        return pb.GenerateResponse(text=text, token_ids=ids, finish_reason=FINISH[finish], usage=usage_proto(usage))
+        return completion_reply(self.core, request, generation_request(request, context), context,
+                                pb.GenerateResponse)
 
     def GenerateStream(self, request: pb.GenerateStreamRequest, context):
         chunks = self.core.stream(request.model, request.version, generation_request(request, context),
@@ -213,9 +234,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             yield chunk_proto(chunk)
 
     def Chat(self, request: pb.ChatRequest, context):
-        _, text, ids, finish, usage = self.core.generate(request.model, request.version, chat_request(request, context),
-                                                         lambda seq: context.add_callback(seq.cancel))
-        return pb.ChatResponse(text=text, token_ids=ids, finish_reason=FINISH[finish], usage=usage_proto(usage))
+        return completion_reply(self.core, request, chat_request(request, context), context, pb.ChatResponse)
 
     def ChatStream(self, request: pb.ChatStreamRequest, context):
         chunks = self.core.stream(request.model, request.version, chat_request(request, context),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fastserve.services.inference.logprobs import TokenLogprob
 from fastserve.services.inference.sampling_params import SamplingParams
 
 
@@ -28,7 +29,8 @@ class NewSequence:
     """A sequence scheduled for the first time: what the runner keeps for it until it finishes."""
 
     seq_id: int
-    token_ids: list[int]  # the tokens it starts from (a repetition penalty counts them as seen)
+    token_ids: list[int]  # the tokens it starts from (a repetition penalty counts them as seen; presence and
+    # frequency penalties count only what it generates after them)
     source: list[int] | None  # an encoder-decoder's input, encoded by an `Encode`
     params: SamplingParams
 
@@ -75,11 +77,14 @@ class SchedulerOutput:
 
 @dataclass(slots=True)
 class RunnerOutput:
-    """Per sequence that sampled, in step order, its new tokens (one per step today; a list, and
-    parallel fields such as logprobs can be added, without changing the scheduler's side)."""
+    """Per sequence that sampled, in step order, its new tokens (one per step today; a list, so that more
+    can come without changing the scheduler's side)."""
 
     seq_ids: list[int] = field(default_factory=list)
     sampled_token_ids: list[list[int]] = field(default_factory=list)
+    # For the sequences that sampled and asked for logprobs (SamplingParams.logprobs) alone: one per
+    # sampled token, in the same order.
+    logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
     # Sequences whose own computation failed this step (their sampling, their encoder pass, their forward
     # pass run alone), each with what failed in words safe to show its caller; the others carry on.
     failed: dict[int, str] = field(default_factory=dict)

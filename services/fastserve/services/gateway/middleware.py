@@ -1,0 +1,106 @@
+"""The gateway's ASGI middleware: request ids, the bearer token, the body-size cap and the metrics.
+
+Pure ASGI rather than Starlette's BaseHTTPMiddleware, which buffers and detaches streamed responses
+(a disconnect would then not reach the stream that must cancel its gRPC call)."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.exceptions import HTTPException
+
+from fastserve.runtime import logs
+from fastserve.services.gateway.errors import body
+
+MAX_BODY_BYTES = 4 << 20
+OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+
+
+class Metrics:
+    """Requests by route and status and their latency, in a registry of this app's own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("fastserve_gateway_requests", "HTTP requests by route and status.",
+                                ["route", "status"], registry=self.registry)
+        self.latency = Histogram("fastserve_gateway_request_seconds",
+                                 "Seconds from a request's arrival to the end of its response, by route.",
+                                 ["route"], registry=self.registry,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+
+
+class GatewayMiddleware:
+    def __init__(self, app, auth_token: str, metrics: Metrics, max_body: int = MAX_BODY_BYTES) -> None:
+        self.app, self.token, self.metrics, self.max_body = app, auth_token.encode(), metrics, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or ())
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex[:16]
+        token = logs.request_id.set(rid)
+        start, status = time.monotonic(), [500]
+
+        async def send_tagged(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        try:
+            refusal = self._refusal(scope, headers)
+            if refusal:
+                await _reply(send_tagged, *refusal)
+                return
+            await self.app(scope, self._capped(receive), send_tagged)
+        except _TooLarge:
+            await _reply(send_tagged, 413, f"the request body is over {self.max_body} bytes", None,
+                         "request_too_large")
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.requests.labels(route, str(status[0])).inc()
+            self.metrics.latency.labels(route).observe(time.monotonic() - start)
+            logs.request_id.reset(token)
+
+    def _refusal(self, scope, headers) -> tuple | None:
+        if self.token and scope["path"] not in OPEN_PATHS:
+            given = headers.get(b"authorization", b"")
+            scheme, _, value = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), self.token):
+                return (401, "missing or invalid bearer token (Authorization: Bearer <token>)", None,
+                        "invalid_api_key", {"www-authenticate": "Bearer"})
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return 413, f"the request body is over {self.max_body} bytes", None, "request_too_large"
+        return None
+
+    def _capped(self, receive):
+        seen = [0]
+
+        async def capped():
+            message = await receive()
+            if message["type"] == "http.request":
+                seen[0] += len(message.get("body", b""))
+                if seen[0] > self.max_body:
+                    raise _TooLarge(self.max_body)
+            return message
+        return capped
+
+
+class _TooLarge(HTTPException):
+    """Raised from `receive`: FastAPI passes an HTTPException from the body read on to its handler."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is over {limit} bytes")
+
+
+async def _reply(send, status: int, message: str, param, code, headers: dict[str, str] | None = None) -> None:
+    payload = json.dumps(body(message, status, param, code)).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": payload})
