@@ -17,7 +17,7 @@ from fastserve.corpora.stdlib import stdlib_documents
 from fastserve.inference.v1 import inference_pb2 as pb
 from fastserve.services.preprocessing.tokenizer_training import TokenizerSpec, save_tokenizer, train_tokenizer
 from fastserve.storage.artifacts import ArtifactStore
-from tests.inference.test_chat import CHATML, EOS, IM_END, IM_START
+from tests.support.chatml import CHATML, EOS, IM_END, IM_START
 from tests.support.processes import Proc, free_port, spawn, start_inference
 
 CHAT, BUSY, EMBED = "chat", "busy", "all-MiniLM-L6-v2"

@@ -23,16 +23,11 @@ from fastserve.corpora.stdlib import stdlib_documents
 from fastserve.inference.v1 import inference_pb2 as pb
 from fastserve.services.preprocessing.tokenizer_training import TokenizerSpec, save_tokenizer, train_tokenizer
 from fastserve.storage.artifacts import ArtifactStore
+from tests.support.chatml import CHATML, EOS, IM_END, IM_START, ORDER_ERROR
 from tests.support.processes import start_inference
 from tests.support.rpc import field_of
 
 FASTSERVE = Path(sys.executable).with_name("fastserve")
-IM_START, IM_END, EOS = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
-ORDER_ERROR = "only the first message may be a system message"
-CHATML = ("{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
-          "{{ raise_exception('" + ORDER_ERROR + "') }}{% endif %}"
-          "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 PLAIN = ("{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n\n{% endfor %}"
          "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 ANSWER = "Yes."

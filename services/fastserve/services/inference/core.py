@@ -105,9 +105,11 @@ class Inference:
 
     def generate(self, name: str, version: str, request: GenerationRequest,
                  bind: Callable[[Sequence], None] = lambda seq: None):
-        """(model, text, token ids, finish reason, usage) of a whole completion."""
+        """(model, text, token ids, finish reason, usage, logprobs) of a whole completion; logprobs are those
+        of the tokens that make the text, empty unless the request asked for them."""
         model, seq = self.start_generation(name, version, request, bind)
-        return (model, *self.complete(model, seq, request.deadline))
+        text, ids, finish, usage = self.complete(model, seq, request.deadline)
+        return model, text, ids, finish, usage, model.backend.logprobs(seq, text)
 
     @staticmethod
     def complete(model: LoadedModel, seq: Sequence, deadline: float | None):

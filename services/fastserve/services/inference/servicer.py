@@ -134,15 +134,10 @@ def chunk_proto(chunk: Chunk, reply: type = pb.GenerateStreamResponse):
 def completion_reply(core: Inference, request, generation: GenerationRequest, context, reply: type):
     """A whole completion as `reply` (GenerateResponse or ChatResponse: the same fields), its sequence
     cancelled if the call ends first."""
-    started = []
-
-    def bind(seq) -> None:
-        started.append(seq)  # kept for its logprobs
-        context.add_callback(seq.cancel)
-
-    model, text, ids, finish, usage = core.generate(request.model, request.version, generation, bind)
+    _, text, ids, finish, usage, logprobs = core.generate(request.model, request.version, generation,
+                                                          lambda seq: context.add_callback(seq.cancel))
     return reply(text=text, token_ids=ids, finish_reason=FINISH[finish], usage=usage_proto(usage),
-                 logprobs=logprobs_proto(model.backend.logprobs(started[0], text)))
+                 logprobs=logprobs_proto(logprobs))
 
 
 FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS,
