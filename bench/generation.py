@@ -125,13 +125,22 @@ def hf_continuous(model, work: list[tuple[list[int], int]]) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def main() -> None:
-    work_dir = Path(tempfile.mkdtemp(prefix="bench-gen-"))
-    store = ArtifactStore(work_dir / "home" / "artifacts")
+MODEL_URI = "artifact://models/bench-gpt/1"
+
+
+def publish_model(home: Path) -> Path:
+    """The benchmark's GPT published as MODEL_URI in `home`'s artifact store; its folder. It has no
+    end-of-sequence token, so every completion runs to its max_new_tokens."""
+    store = ArtifactStore(home / "artifacts")
     with store.publish("models", "bench-gpt") as draft:
         build_causal_lm(draft.path, hidden=256, layers=4, heads=4, vocab=8192, positions=1024, train_steps=0,
                         documents=3000, eos=False)
-    folder = store.resolve("artifact://models/bench-gpt/1").path
+    return store.resolve(MODEL_URI).path
+
+
+def main() -> None:
+    work_dir = Path(tempfile.mkdtemp(prefix="bench-gen-"))
+    folder = publish_model(work_dir / "home")
     vocab = AutoConfig.from_pretrained(str(folder)).vocab_size
     work, tailed = workload(REQUESTS, vocab), heavy_tailed(JCT_REQUESTS, vocab)
 
@@ -147,7 +156,7 @@ def main() -> None:
                     ("gpt-mlfq", JCT_BATCH, pb.SCHEDULING_POLICY_MLFQ, None),
                     ("gpt-mlfq-no-oldest-place", JCT_BATCH, pb.SCHEDULING_POLICY_MLFQ,
                      pb.GenerationConfig(mlfq_oldest_places=0))):
-                stub.LoadModel(pb.LoadModelRequest(name=name, model_uri="artifact://models/bench-gpt/1",
+                stub.LoadModel(pb.LoadModelRequest(name=name, model_uri=MODEL_URI,
                                                    config=pb.ModelConfig(
                                                        scheduling=policy, generation=generation,
                                                        batching=pb.BatchingConfig(

@@ -3,11 +3,8 @@ and two gateway processes over it, one with a bearer token."""
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -18,7 +15,7 @@ from fastserve.inference.v1 import inference_pb2 as pb
 from fastserve.services.preprocessing.tokenizer_training import TokenizerSpec, save_tokenizer, train_tokenizer
 from fastserve.storage.artifacts import ArtifactStore
 from tests.support.chatml import CHATML, EOS, IM_END, IM_START
-from tests.support.processes import Proc, free_port, spawn, start_inference
+from tests.support.processes import free_port, start_gateway, start_inference
 
 CHAT, BUSY, EMBED = "chat", "busy", "all-MiniLM-L6-v2"
 TOKEN = "gateway-secret"
@@ -67,23 +64,6 @@ def inference(tmp_path_factory, metrics_port):
 def grpc_client(inference):
     with FastServeClient(ports={"inference": inference.port}) as fs:
         yield fs.inference
-
-
-def start_gateway(inference: Proc, log: Path, token: str = "") -> Proc:
-    port = free_port()
-    env = {"FASTSERVE_INFERENCE_PORT": str(inference.port), "FASTSERVE_GATEWAY_PORT": str(port),
-           "FASTSERVE_AUTH_TOKEN": token, "FASTSERVE_LOG_FORMAT": "json"}
-    proc = spawn([sys.executable, "-m", "fastserve.services.gateway"], env, log, port)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the gateway did not start:\n{proc.log_text()[-3000:]}")
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="package")

@@ -29,14 +29,14 @@ def test_an_unknown_model_is_404(openai_client):
 
 
 @pytest.mark.parametrize(("fields", "param"), [
-    ({"n": 2}, "n"), ({"logprobs": True}, "logprobs"), ({"top_logprobs": 3}, "top_logprobs"),
-    ({"presence_penalty": 0.5}, "presence_penalty"), ({"frequency_penalty": -1.0}, "frequency_penalty"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"logit_bias": {"7": 2.0}}, "logit_bias"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"messages": [{"role": "user", "content": "hi", "name": "ann"}]}, "messages[0].name"),
 ])
 def test_fields_the_engine_lacks_are_refused_by_name(openai_client, fields, param):
     with pytest.raises(openai.BadRequestError) as excinfo:
-        openai_client.chat.completions.create(model=CHAT, messages=MESSAGES, max_tokens=2, **fields)
+        openai_client.chat.completions.create(**{"model": CHAT, "messages": MESSAGES, "max_tokens": 2, **fields})
     assert excinfo.value.param == param and "not supported yet" in _error(excinfo)["message"]
 
 
@@ -76,7 +76,8 @@ def test_non_finite_numbers_and_bad_json_are_400(base_url):
 
 
 def test_completion_and_embedding_refusals(openai_client):
-    cases = [(lambda: openai_client.completions.create(model=CHAT, prompt="x", logprobs=2), "logprobs"),
+    cases = [(lambda: openai_client.completions.create(model=CHAT, prompt="x", logprobs=2, echo=True), "logprobs"),
+             (lambda: openai_client.completions.create(model=CHAT, prompt="x", best_of=3), "best_of"),
              (lambda: openai_client.completions.create(model=CHAT, prompt=[1, 2], echo=True), "echo"),
              (lambda: openai_client.completions.create(model=CHAT, prompt="x", max_tokens=2000), "max_tokens"),
              (lambda: openai_client.embeddings.create(model=EMBED, input=[1, 2, 3]), "input"),

@@ -168,9 +168,9 @@ def repository(tmp_path_factory, tiny_gpt):
 def test_an_unloaded_models_metric_series_are_removed(repository):
     repository.load("gone", "artifact://models/tiny-gpt/latest")
     gen = repository.get("gone").backend
-    seq = gen.submit(GenerationRequest(token_ids=[3, 4], params=SamplingParams(max_new_tokens=3),
-                                       max_new_tokens_set=True))
-    gen.complete(seq, None)
+    seqs = gen.submit(GenerationRequest(token_ids=[3, 4], params=SamplingParams(max_new_tokens=3),
+                                        max_new_tokens_set=True))
+    gen.complete(seqs, None)
     repository.get("gone").count(failed=False)
     tokens = {"model": "gone/1", "policy": "fcfs"}
     assert series("fastserve_generation_tokens_total", tokens) >= 3

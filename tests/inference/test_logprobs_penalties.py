@@ -7,7 +7,6 @@ same over gRPC from a real server."""
 from __future__ import annotations
 
 import math
-import shutil
 
 import grpc
 import pytest
@@ -19,11 +18,11 @@ from fastserve.inference.v1 import inference_pb2_grpc
 from fastserve.runtime.errors import InvalidArgument
 from fastserve.services.inference.generation_settings import GenerationSettings
 from fastserve.services.inference.generator import GenerationRequest, Generator
+from fastserve.services.inference.output_processor import final_logprobs, named
 from fastserve.services.inference.sampling_params import SamplingParams
 from fastserve.services.inference.sequence import Finish
 from fastserve.services.inference.servicer import logprobs_proto, sampling_of
-from fastserve.storage.artifacts import ArtifactStore
-from tests.support.processes import start_inference
+from tests.support.processes import serving_folder
 from tests.support.rpc import field_of
 from tests.support.tiny_models import build_causal_lm
 
@@ -49,10 +48,15 @@ def model(folder):
 
 
 def run(gen: Generator, prompt: list[int] = PROMPT, **params):
-    seq = gen.submit(GenerationRequest(token_ids=prompt, params=SamplingParams(**params).validate(),
-                                       max_new_tokens_set=True))
-    text, ids, finish, _ = gen.complete(seq, None)
-    return seq, text, ids, finish
+    [seq] = gen.submit(GenerationRequest(token_ids=prompt, params=SamplingParams(**params).validate(),
+                                         max_new_tokens_set=True))
+    [completion], _ = gen.complete([seq], None)
+    return seq, completion.text, completion.token_ids, completion.finish
+
+
+def logprobs_of(gen: Generator, seq, text: str):
+    """A completed sequence's logprobs as its reply gives them: those of the tokens that make `text`."""
+    return named(final_logprobs(seq, gen.decode, text), gen.decode)
 
 
 @torch.inference_mode()
@@ -74,7 +78,7 @@ def test_logprobs_are_transformers_log_softmax_at_each_greedy_step(gen, model):
     seq, text, ids, finish = run(gen, max_new_tokens=12, logprobs=True, top_logprobs=5)
     expected, steps = reference(model, PROMPT, 12)
     assert ids == expected and finish is Finish.LENGTH
-    logprobs = gen.logprobs(seq, text)
+    logprobs = logprobs_of(gen, seq, text)
     assert [lp.token_id for lp in logprobs] == ids
     for lp, step in zip(logprobs, steps, strict=True):
         assert math.isclose(lp.logprob, float(step[lp.token_id]), abs_tol=1e-4)
@@ -94,19 +98,19 @@ def test_logprobs_are_raw_whatever_the_temperature_and_absent_when_not_asked(gen
     with torch.inference_mode():
         logits = model(torch.tensor([PROMPT + ids])).logits[0].float()
     raw = torch.log_softmax(logits[len(PROMPT) - 1:-1], -1)
-    got = gen.logprobs(seq, text)
+    got = logprobs_of(gen, seq, text)
     assert [lp.token_id for lp in got] == ids and all(lp.top == () for lp in got)
     assert torch.allclose(torch.tensor([lp.logprob for lp in got]), raw[torch.arange(len(ids)), ids], atol=1e-4)
     plain, text, _, _ = run(gen, max_new_tokens=8)
-    assert plain.logprobs == [] and gen.logprobs(plain, text) == []
+    assert plain.logprobs == [] and logprobs_of(gen, plain, text) == []
 
 
 def test_a_sequence_asking_logprobs_batched_with_one_that_does_not(gen, model):
     asking = [gen.submit(GenerationRequest(token_ids=PROMPT, max_new_tokens_set=True,
-                                           params=SamplingParams(max_new_tokens=10, logprobs=True, top_logprobs=2)))
+                                           params=SamplingParams(max_new_tokens=10, logprobs=True, top_logprobs=2)))[0]
               for _ in range(2)]
     plain = [gen.submit(GenerationRequest(token_ids=PROMPT[::-1], max_new_tokens_set=True,
-                                          params=SamplingParams(max_new_tokens=10))) for _ in range(2)]
+                                          params=SamplingParams(max_new_tokens=10)))[0] for _ in range(2)]
     for seq in asking + plain:
         assert seq.done.wait(60)
     expected, steps = reference(model, PROMPT, 10)
@@ -150,7 +154,7 @@ def test_a_stop_sequence_drops_the_logprobs_of_the_tokens_it_cuts(gen):
     stop = full[min(spots, key=lambda i: abs(i - len(full) // 2)):][:2]
     seq, text, ids, finish = run(gen, stop_sequences=(stop,), **sampled)
     assert finish is Finish.STOP and text == full[:full.index(stop)]
-    kept = gen.logprobs(seq, text)
+    kept = logprobs_of(gen, seq, text)
     assert len(kept) < len(ids) and [lp.token_id for lp in kept] == ids[:len(kept)]
     assert gen.decode(ids[:len(kept)]).startswith(text) and len(gen.decode(ids[:len(kept) - 1])) < len(text)
     # Streamed: the same logprobs, those of the tokens whose text each chunk completes.
@@ -166,7 +170,7 @@ def test_streamed_logprobs_go_with_their_token_ids(gen):
         token_ids=PROMPT, params=SamplingParams(max_new_tokens=16, logprobs=True, top_logprobs=3),
         max_new_tokens_set=True)), None))
     assert all([lp.token_id for lp in c.logprobs] == c.token_ids for c in chunks)
-    assert [lp for c in chunks for lp in c.logprobs] == gen.logprobs(seq, text)
+    assert [lp for c in chunks for lp in c.logprobs] == logprobs_of(gen, seq, text)
 
 
 @pytest.mark.parametrize("sampling,field", [
@@ -191,16 +195,8 @@ def test_bounds_themselves_pass():
 
 @pytest.fixture(scope="module")
 def stub(folder, tmp_path_factory):
-    home = tmp_path_factory.mktemp("lp-server") / "home"
-    with ArtifactStore(home / "artifacts").publish("models", "tiny-gpt") as draft:
-        for item in folder.iterdir():
-            shutil.copy(item, draft.path / item.name)
-    proc = start_inference(home, tmp_path_factory.mktemp("l") / "inf.log", FASTSERVE_INFERENCE_MODELS="none")
-    with grpc.insecure_channel(proc.target) as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        stub.LoadModel(pb.LoadModelRequest(name="gpt", model_uri="artifact://models/tiny-gpt/1"))
-        yield stub
-    proc.stop()
+    with serving_folder(folder, tmp_path_factory.mktemp("lp-server")) as channel:
+        yield inference_pb2_grpc.InferenceServiceStub(channel)
 
 
 def test_replies_carry_logprobs_over_grpc(stub, gen, model):

@@ -15,7 +15,7 @@ from fastserve.services.inference.sampling_params import SamplingParams
 from fastserve.services.inference.scheduler import Scheduler
 from fastserve.services.inference.scheduling import Mlfq, MlfqSettings
 from fastserve.services.inference.sequence import Finish, Sequence, SequenceUpdate
-from fastserve.services.inference.step import Encode, Offload, Restore, RunnerOutput, SchedulerOutput
+from fastserve.services.inference.step import Copy, Encode, Offload, Restore, RunnerOutput, SchedulerOutput
 
 TOKEN = 5  # what the fake runner samples
 _names = itertools.count()
@@ -263,3 +263,64 @@ def test_mlfq_order_puts_the_oldest_first_only_when_the_batch_is_full():
     assert policy.order(seqs, batch_size=4) == [seqs[1], seqs[2], seqs[3], seqs[0]]  # all run anyway
     assert policy.order(seqs, batch_size=2) == [seqs[0], seqs[1], seqs[2], seqs[3]]
     assert policy.order(seqs, batch_size=1) == [seqs[1], seqs[2], seqs[3], seqs[0]]  # never the only place
+
+
+def group(sched: Scheduler, prompt: int, n: int, new_tokens: int = 100, source: list[int] | None = None,
+          **params) -> list[Sequence]:
+    """A request's `n` completions, as the engine submits them: one queue, the first their leader."""
+    seqs = [Sequence([1] if source else list(range(10, 10 + prompt)),
+                     SamplingParams(max_new_tokens=new_tokens, **params), 0, None, source=source,
+                     arrival=sched.clock()) for _ in range(n)]
+    for index, seq in enumerate(seqs[1:], 1):
+        seq.index, seq.leader, seq.events = index, seqs[0], seqs[0].events
+    for seq in seqs:
+        sched.add(seq)
+    return seqs
+
+
+def test_a_requests_later_completions_copy_the_first_ones_prompt_instead_of_prefilling_it():
+    sched = scheduler(max_batch_size=8, max_prefill_tokens=64)
+    a, b, c = group(sched, 12, 3)
+    step, _ = cycle(sched)
+    # Only the leader prefills; the others wait for its cache rather than compute the same 12 tokens.
+    assert rows(step) == [(a.order, 0, 0, 12, True)] and step.copies == []
+    step, _ = cycle(sched)
+    # Each copies the 11 positions before the last prompt token, which it runs to sample its own first token.
+    assert step.copies == [Copy(0, 1, 11), Copy(0, 2, 11)]
+    assert rows(step) == [(a.order, 0, 12, 1, True), (b.order, 1, 11, 1, True), (c.order, 2, 11, 1, True)]
+    assert step.sequences[1].token_ids == [a.prompt[-1]] and b.cached == c.cached == 12
+    assert [n.seq_id for n in step.new_sequences] == [b.order, c.order]
+    rows_after = rows(cycle(sched)[0])
+    assert rows_after == [(a.order, 0, 13, 1, True), (b.order, 1, 12, 1, True), (c.order, 2, 12, 1, True)]
+    assert sched.metrics.shared_prefill._value.get() == 22
+
+
+def test_a_fork_falls_back_to_a_prefill_when_the_leader_has_gone():
+    sched = scheduler(max_batch_size=8)
+    a, b = group(sched, 6, 2, new_tokens=1)  # the leader ends with its first token
+    step, _ = cycle(sched)
+    assert rows(step) == [(a.order, 0, 0, 6, True)] and a.finish is Finish.LENGTH
+    step, _ = cycle(sched)
+    assert step.copies == [] and rows(step) == [(b.order, 0, 0, 6, True)]
+
+
+def test_a_completion_that_evicts_its_leader_prefills_on_its_own():
+    """MLFQ demotes the leader after its first token; its completion, now ranked above it, takes the only slot
+    by evicting it, so there is no resident cache to copy: it prefills."""
+    sched = scheduler(policy="mlfq", mlfq=MlfqSettings(base_quantum=1, oldest_places=0), max_batch_size=1,
+                      kv_slots=1, host_slots=4)
+    a, b = group(sched, 6, 2)
+    cycle(sched)
+    step, _ = cycle(sched)
+    assert step.offloads == [Offload(a.order, 0, 6)] and step.copies == []
+    assert rows(step) == [(b.order, 0, 0, 6, True)]
+
+
+def test_an_encoder_decoders_completions_share_its_encoder_states():
+    sched = scheduler(max_batch_size=4)
+    a, b = group(sched, 0, 2, source=[7, 8, 9])
+    step, _ = cycle(sched)
+    assert step.encodes == [Encode(a.order, 0)] and rows(step) == [(a.order, 0, 0, 1, True)]
+    step, _ = cycle(sched)
+    assert step.encodes == [] and step.copies == [Copy(0, 1, 0)] and b.encoded
+    assert rows(step) == [(a.order, 0, 1, 1, True), (b.order, 1, 0, 1, True)]

@@ -1,4 +1,4 @@
-"""Launching real FastServe processes for tests: services, Celery workers, the probe server."""
+"""Launching real FastServe processes for tests: services, the gateway, Celery workers, the probe server."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
 
 from fastserve.client.channels import health_status
 from fastserve.runtime.celery_app import client_app
@@ -91,6 +92,29 @@ def start_inference(home: Path, log: Path, timeout: float = 180.0, **settings: s
     return _serve("inference", env, log, timeout)
 
 
+@contextmanager
+def serving_folder(folder: Path, root: Path, name: str = "gpt") -> Iterator[grpc.Channel]:
+    """An inference server under `root` serving the model `folder` (published as models/<name>/1) as `name`:
+    a channel to it."""
+    import shutil
+
+    from fastserve.inference.v1 import inference_pb2 as pb
+    from fastserve.inference.v1 import inference_pb2_grpc
+    from fastserve.storage.artifacts import ArtifactStore
+
+    with ArtifactStore(root / "home" / "artifacts").publish("models", name) as draft:
+        for item in folder.iterdir():
+            shutil.copy(item, draft.path / item.name)
+    proc = start_inference(root / "home", root / "inference.log", FASTSERVE_INFERENCE_MODELS="none")
+    try:
+        with grpc.insecure_channel(proc.target) as channel:
+            inference_pb2_grpc.InferenceServiceStub(channel).LoadModel(
+                pb.LoadModelRequest(name=name, model_uri=f"artifact://models/{name}/1"))
+            yield channel
+    finally:
+        proc.stop()
+
+
 def start_service(service: str, env: dict[str, str], log_dir: Path) -> Proc:
     """`python -m fastserve.services.<service>` on a free port, returned once its health check says SERVING."""
     return _serve(service, env, log_dir / f"{service}.log", timeout=60.0)
@@ -102,6 +126,25 @@ def _serve(service: str, env: dict[str, str], log: Path, timeout: float) -> Proc
                  {**env, f"FASTSERVE_{service.upper()}_PORT": str(port)}, log, port)
     wait_serving(proc, timeout=timeout)
     return proc
+
+
+def start_gateway(inference: Proc, log: Path, token: str = "", timeout: float = 60.0, **settings: str) -> Proc:
+    """`python -m fastserve.services.gateway` over `inference` on a free port, returned once its HTTP
+    `/health` answers 200 (the inference service reachable); `settings` are more FASTSERVE_* variables."""
+    port = free_port()
+    env = {"FASTSERVE_INFERENCE_PORT": str(inference.port), "FASTSERVE_GATEWAY_PORT": str(port),
+           "FASTSERVE_AUTH_TOKEN": token, "FASTSERVE_LOG_FORMAT": "json", **settings}
+    proc = spawn([sys.executable, "-m", "fastserve.services.gateway"], env, log, port)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the gateway did not start:\n{proc.log_text()[-3000:]}")
+        time.sleep(0.1)
 
 
 def start_worker(env: dict[str, str], log_dir: Path, include: str = "tests.support.jobs",

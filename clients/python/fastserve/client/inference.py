@@ -8,6 +8,7 @@ from fastserve.client.calls import COMPUTE, GENERATE, LOAD, READ, ServiceClient
 from fastserve.client.specs import enum_value
 from fastserve.inference.v1 import inference_pb2 as pb
 from fastserve.inference.v1 import inference_pb2_grpc
+from fastserve.kserve.v2 import grpc_service_pb2_grpc
 
 
 def sampling_params(max_new_tokens: int | None = None, temperature: float = 0.0, top_k: int = 0,
@@ -41,6 +42,17 @@ def chat_messages(messages: Sequence[Message]) -> list[pb.ChatMessage]:
 
 class InferenceClient(ServiceClient):
     stub_class = inference_pb2_grpc.InferenceServiceStub
+
+    def __init__(self, channel, caller) -> None:
+        super().__init__(channel, caller)
+        # The same server's KServe v2 (Open Inference Protocol) service, on the same channel.
+        self.kserve = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+    def kserve_call(self, method: str, request, *, timeout: float | None = None, idempotent: bool = False):
+        """One unary call of the KServe v2 service (`ModelInfer`, `ModelMetadata`, ...) with this client's
+        deadlines, retries (for an `idempotent` one) and `ClientError`s."""
+        return self._caller.unary(getattr(self.kserve, method), request, self._caller.deadline(timeout, COMPUTE),
+                                  idempotent)
 
     def load_model(self, name: str, model_uri: str = "", *, version: str = "", task: str = "", backend: str = "",
                    dtype: str = "", max_batch_size: int = 0, scheduling: str = "",

@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from weakref import WeakKeyDictionary
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -16,10 +17,11 @@ from starlette.concurrency import run_in_threadpool
 
 from fastserve.client import ClientError, FastServeClient, InferenceClient
 from fastserve.inference.v1 import inference_pb2 as pb
-from fastserve.services.gateway import errors, translate
+from fastserve.services.gateway import errors, kserve_rest, translate
 from fastserve.services.gateway.errors import GatewayError
 from fastserve.services.gateway.middleware import GatewayMiddleware, Metrics
 from fastserve.services.gateway.openai_schema import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from fastserve.services.gateway.stream_reader import END, Failure, StreamReader, Throttle, coalesce
 
 log = logging.getLogger(__name__)
 
@@ -44,26 +46,51 @@ def _event(payload) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
+# The readers `_open` started, by stream, for `_relay` to take over (weak: a stream never relayed is dropped).
+_readers: WeakKeyDictionary = WeakKeyDictionary()
+DISCONNECT_CHECK_SECONDS = 0.1
+
+
 async def _relay(request: Request, stream: Iterator, first) -> AsyncIterator:
-    """`first` then the rest of the gRPC `stream`, each `next` in a worker thread; the stream is closed
-    at the end, on a disconnect, or on cancellation, which cancels the call."""
+    """`first` then the rest of the gRPC `stream`, in batches from the `StreamReader` that `_open`
+    started (else each `next` in a worker thread); the stream is closed at the end, on a disconnect, or
+    on cancellation, which cancels the call. A disconnect is looked for at most every
+    DISCONNECT_CHECK_SECONDS: the check is dear, and Starlette cancels a response whose client left."""
+    reader, disconnect_check = _readers.pop(stream, None), Throttle(DISCONNECT_CHECK_SECONDS)
     try:
-        item = first
-        while item is not _END:
-            yield item
-            if await request.is_disconnected():
+        if first is _END:
+            return
+        yield first
+        while True:
+            if disconnect_check.due() and await request.is_disconnected():
                 log.info("client disconnected mid-stream; cancelling the generation")
                 return
-            item = await run_in_threadpool(next, stream, _END)
+            if reader is None:
+                item = await run_in_threadpool(next, stream, _END)
+                if item is _END:
+                    return
+                yield item
+                continue
+            for item in coalesce(await reader.batch()):
+                if item is END:
+                    return
+                if isinstance(item, Failure):
+                    item.raise_in(stream)
+                yield item
     finally:
         stream.close()
 
 
 async def _open(stream: Iterator):
     """The stream's first message, fetched before the response starts so that a refused request is an
-    HTTP error, not a broken stream."""
+    HTTP error, not a broken stream; then a `StreamReader` reads the rest for `_relay`."""
     try:
-        return await run_in_threadpool(next, stream, _END)
+        first = await run_in_threadpool(next, stream, _END)
+        if first is not _END:
+            reader = StreamReader.attach(stream)
+            if reader is not None:
+                _readers[stream] = reader
+        return first
     except BaseException:
         stream.close()
         raise
@@ -86,6 +113,7 @@ def create_app(client: FastServeClient | InferenceClient, auth_token: str = "") 
     app = FastAPI(title="FastServe OpenAI-compatible API", version="1", lifespan=lifespan,
                   description="OpenAI's chat, completions, embeddings and models endpoints over FastServe.")
     errors.install(app)
+    kserve_rest.install(app, inference)
 
     @app.get("/health", include_in_schema=False)
     async def health():
@@ -124,13 +152,14 @@ def create_app(client: FastServeClient | InferenceClient, auth_token: str = "") 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         messages, sampling = translate.chat_call(body)
+        logprobs = bool(body.logprobs)
         if not body.stream:
             reply = await run_in_threadpool(inference.chat, body.model, messages, sampling)
-            return translate.chat_completion(body.model, reply)
+            return translate.chat_completion(body.model, reply, logprobs)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = inference.chat_stream(body.model, messages, sampling)
         first = await _open(stream)
-        ident, created = translate.new_id("chatcmpl"), translate.now()
+        chunks = translate.ChatStream(body.model, translate.choices_per_prompt(body), logprobs, include_usage)
 
         async def events():
             try:
@@ -140,40 +169,38 @@ def create_app(client: FastServeClient | InferenceClient, auth_token: str = "") 
                 stream.close()
 
         async def chat_events():
-            yield _event(translate.chat_chunk(ident, created, body.model, {"role": "assistant", "content": ""},
-                                              with_usage=include_usage))
+            for chunk in chunks.opening():
+                yield _event(chunk)
             last = None
             async for part in _relay(request, stream, first):
                 last = part
-                if part.text:
-                    yield _event(translate.chat_chunk(ident, created, body.model, {"content": part.text},
-                                                      with_usage=include_usage))
+                for chunk in chunks.chunks(part):
+                    yield _event(chunk)
             if last is None:
                 return
-            yield _event(translate.chat_chunk(ident, created, body.model, {},
-                                              translate.finish_reason(last.finish_reason), include_usage))
             if include_usage:
-                yield _event({"id": ident, "object": "chat.completion.chunk", "created": created,
-                              "model": body.model, "choices": [],
-                              "usage": translate.usage(last.usage.prompt_tokens, last.usage.completion_tokens)})
+                yield _event(chunks.usage_chunk(last))
             yield "data: [DONE]\n\n"
 
         return _Events(events())
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        prompts = translate.prompts(body)
-        sampling = translate.sampling(body, body.max_tokens)
+        prompts, sampling = translate.completion_call(body)
+        n, logprobs = translate.choices_per_prompt(body), body.logprobs is not None
         if not body.stream:
             def run_all():
                 futures = [pool.submit(inference.generate, body.model, p, sampling) for p in prompts]
-                return [(p if isinstance(p, str) else "", f.result()) for p, f in zip(prompts, futures, strict=True)]
-            return translate.completion(body.model, await run_in_threadpool(run_all), body.echo)
+                with translate.completion_errors():
+                    return [(p if isinstance(p, str) else "", f.result())
+                            for p, f in zip(prompts, futures, strict=True)]
+            return translate.completion(body.model, await run_in_threadpool(run_all), body.echo, n, logprobs)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        ident, created = translate.new_id("cmpl"), translate.now()
+        chunks = translate.CompletionStream(body.model, n, logprobs, include_usage, echo=body.echo)
         # Prompts stream one after another; the first is opened here so that a refusal is an HTTP error.
         stream = inference.generate_stream(body.model, prompts[0], sampling)
-        first = await _open(stream)
+        with translate.completion_errors():
+            first = await _open(stream)
 
         async def events():
             try:
@@ -191,27 +218,24 @@ def create_app(client: FastServeClient | InferenceClient, auth_token: str = "") 
                     try:
                         first = await _open(stream)
                     except ClientError as error:
-                        failure = errors.from_client_error(error)
+                        failure = translate.completion_failure(error)
                         yield _event(errors.body(failure.message, failure.status, failure.param, failure.code))
                         return
-                if body.echo:
-                    yield _event(translate.completion_chunk(ident, created, body.model, index, prompt,
-                                                            with_usage=include_usage))
+                for chunk in chunks.start(index, prompt):
+                    yield _event(chunk)
                 last = None
                 async for part in _relay(request, stream, first):
                     last = part
-                    if part.text:
-                        yield _event(translate.completion_chunk(ident, created, body.model, index, part.text,
-                                                                with_usage=include_usage))
+                    for chunk in chunks.chunks(part):
+                        yield _event(chunk)
                 if last is None:
                     return
-                yield _event(translate.completion_chunk(ident, created, body.model, index, "",
-                                                        translate.finish_reason(last.finish_reason), include_usage))
                 prompt_tokens += last.usage.prompt_tokens
                 completion_tokens += last.usage.completion_tokens
             if include_usage:
-                yield _event({"id": ident, "object": "text_completion", "created": created, "model": body.model,
-                              "choices": [], "usage": translate.usage(prompt_tokens, completion_tokens)})
+                yield _event({"id": chunks.ident, "object": "text_completion", "created": chunks.created,
+                              "model": body.model, "choices": [],
+                              "usage": translate.usage(prompt_tokens, completion_tokens)})
             yield "data: [DONE]\n\n"
 
         return _Events(events())

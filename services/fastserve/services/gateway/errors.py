@@ -16,7 +16,11 @@ RETRY_AFTER_SECONDS = 1
 # gRPC request fields (as the inference service names them) back to the OpenAI names.
 _FIELDS = {"sampling.temperature": "temperature", "sampling.top_p": "top_p", "sampling.seed": "seed",
            "sampling.max_new_tokens": "max_tokens", "sampling.stop_sequences": "stop", "text": "prompt",
-           "token_ids": "prompt", "texts": "input", "model": "model", "messages": "messages"}
+           "token_ids": "prompt", "texts": "input", "model": "model", "messages": "messages",
+           "sampling.presence_penalty": "presence_penalty", "sampling.frequency_penalty": "frequency_penalty",
+           "sampling.logprobs": "logprobs", "sampling.top_logprobs": "top_logprobs", "sampling.n": "n",
+           "sampling.response_format": "response_format", "sampling.response_format.type": "response_format.type",
+           "sampling.response_format.json_schema": "response_format"}
 _INDEX = re.compile(r"\[\d+\]")
 # The tags pydantic puts in a location for the branch of a union that failed.
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "is-instance"})
@@ -52,6 +56,11 @@ def openai_param(field: str) -> str:
 
 def body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": _TYPES.get(status, "api_error"), "param": param, "code": code}}
+
+
+def kserve_path(path: str) -> bool:
+    """A KServe v2 REST route (`kserve_rest`), whose errors are that protocol's `{"error": "<message>"}`."""
+    return path == "/v2" or path.startswith("/v2/")
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -115,6 +124,8 @@ def install(app) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(request, exc: HTTPException):
+        if kserve_path(request.url.path):
+            return JSONResponse({"error": str(exc.detail)}, exc.status_code)
         code = {413: "request_too_large", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return error_response(exc.status_code, str(exc.detail), None, code)
 

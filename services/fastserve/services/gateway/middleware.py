@@ -14,9 +14,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.exceptions import HTTPException
 
 from fastserve.runtime import logs
-from fastserve.services.gateway.errors import body
+from fastserve.services.gateway.errors import body, kserve_path
+from fastserve.services.gateway.kserve_codec import MAX_BODY_BYTES as KSERVE_MAX_BODY_BYTES
 
-MAX_BODY_BYTES = 4 << 20
+MAX_BODY_BYTES = 4 << 20  # /v2 (KServe) requests carry whole tensors: KSERVE_MAX_BODY_BYTES
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
 
 
@@ -51,22 +52,24 @@ class GatewayMiddleware:
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(message)
 
+        kserve = kserve_path(scope["path"])
+        limit = KSERVE_MAX_BODY_BYTES if kserve else self.max_body
         try:
-            refusal = self._refusal(scope, headers)
+            refusal = self._refusal(scope, headers, limit)
             if refusal:
-                await _reply(send_tagged, *refusal)
+                await _reply(send_tagged, *refusal, kserve=kserve)
                 return
-            await self.app(scope, self._capped(receive), send_tagged)
+            await self.app(scope, self._capped(receive, limit), send_tagged)
         except _TooLarge:
-            await _reply(send_tagged, 413, f"the request body is over {self.max_body} bytes", None,
-                         "request_too_large")
+            await _reply(send_tagged, 413, f"the request body is over {limit} bytes", None,
+                         "request_too_large", kserve=kserve)
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             self.metrics.requests.labels(route, str(status[0])).inc()
             self.metrics.latency.labels(route).observe(time.monotonic() - start)
             logs.request_id.reset(token)
 
-    def _refusal(self, scope, headers) -> tuple | None:
+    def _refusal(self, scope, headers, limit: int) -> tuple | None:
         if self.token and scope["path"] not in OPEN_PATHS:
             given = headers.get(b"authorization", b"")
             scheme, _, value = given.partition(b" ")
@@ -74,19 +77,19 @@ class GatewayMiddleware:
                 return (401, "missing or invalid bearer token (Authorization: Bearer <token>)", None,
                         "invalid_api_key", {"www-authenticate": "Bearer"})
         length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return 413, f"the request body is over {self.max_body} bytes", None, "request_too_large"
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return 413, f"the request body is over {limit} bytes", None, "request_too_large"
         return None
 
-    def _capped(self, receive):
+    def _capped(self, receive, limit: int):
         seen = [0]
 
         async def capped():
             message = await receive()
             if message["type"] == "http.request":
                 seen[0] += len(message.get("body", b""))
-                if seen[0] > self.max_body:
-                    raise _TooLarge(self.max_body)
+                if seen[0] > limit:
+                    raise _TooLarge(limit)
             return message
         return capped
 
@@ -98,8 +101,10 @@ class _TooLarge(HTTPException):
         super().__init__(413, f"the request body is over {limit} bytes")
 
 
-async def _reply(send, status: int, message: str, param, code, headers: dict[str, str] | None = None) -> None:
-    payload = json.dumps(body(message, status, param, code)).encode()
+async def _reply(send, status: int, message: str, param, code, headers: dict[str, str] | None = None, *,
+                 kserve: bool = False) -> None:
+    # KServe v2 clients read `{"error": "<message>"}`, not OpenAI's object.
+    payload = json.dumps({"error": message} if kserve else body(message, status, param, code)).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})

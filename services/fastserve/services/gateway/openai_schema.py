@@ -1,13 +1,14 @@
 """Request models of the OpenAI endpoints, with the inference service's bounds (see inference.proto's
 SamplingParams): every number finite and bounded, every list and string capped. Unknown fields are
-ignored, as OpenAI's SDKs send fields of newer API versions; fields the engine cannot honour yet are
+ignored, as OpenAI's SDKs send fields of newer API versions; fields the engine cannot honour are
 refused in `translate`, never dropped."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_MESSAGES = 256
 MAX_STOP = 16
@@ -15,6 +16,8 @@ MAX_NEW_TOKENS = 8192
 MAX_PROMPTS = 64
 MAX_TEXT = 1 << 20
 MAX_TOKEN_IDS = 1 << 16
+MAX_N = 16  # the engine's bound: each completion takes a place in the model's batch
+MAX_SCHEMA_BYTES = 1 << 16  # the engine's bound on ResponseFormat.json_schema
 
 Finite = {"allow_inf_nan": False}
 Temperature = Annotated[float, Field(ge=0.0, le=100.0, **Finite)]
@@ -53,6 +56,42 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JsonSchema(_Request):
+    """OpenAI's `response_format.json_schema`. `strict` is accepted and changes nothing: the engine always
+    constrains the output to the schema."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's `response_format`, a union of three shapes told apart by `type`: `text`, `json_object`, and
+    `json_schema` with its `json_schema`. One model rather than a pydantic tagged union because a tagged union
+    puts the tag into the error's location (`response_format.json_schema.json_schema.name`), and the gateway's
+    errors name the field as OpenAI does (`response_format.type`, `response_format.json_schema.name`)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise ValueError("a response_format of type json_schema needs its json_schema")
+            size = len(self.schema_text().encode())
+            if size > MAX_SCHEMA_BYTES:
+                raise ValueError(f"the schema is {size} bytes as JSON, over the {MAX_SCHEMA_BYTES} this server takes")
+        return self
+
+    def schema_text(self) -> str:
+        """The schema as the engine takes it: JSON text (empty but for type json_schema)."""
+        if self.type != "json_schema" or self.json_schema is None:
+            return ""
+        return json.dumps(self.json_schema.schema_, separators=(",", ":"), ensure_ascii=False)
+
+
 class _Sampling(_Request):
     model: Annotated[str, Field(min_length=1, max_length=256)]
     temperature: Temperature | None = None
@@ -61,10 +100,12 @@ class _Sampling(_Request):
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Annotated[int, Field(ge=1, le=128)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, float] | None = None
+    # OpenAI's legacy completions have none; vLLM takes it there as in chat, and so does this server.
+    response_format: ResponseFormat | None = None
     user: str | None = None
 
     def stops(self) -> list[str]:
@@ -79,7 +120,6 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None

@@ -17,7 +17,7 @@ from typing import Any
 
 from fastserve.runtime.config import Config
 from fastserve.runtime.errors import Cancelled, DeadlineExceeded, InvalidArgument, Unavailable
-from fastserve.services.inference.generator import Chunk, GenerationRequest
+from fastserve.services.inference.generator import Chunk, Completion, GenerationRequest, Usage
 from fastserve.services.inference.repository import LoadedModel, ModelRepository
 from fastserve.services.inference.sequence import Sequence
 
@@ -30,6 +30,7 @@ MAX_TEXTS = 1024
 class Result:
     model: LoadedModel
     outputs: Any  # embeddings [n, dim], probabilities [n, labels], or raw hidden states
+    tokens: int = 0  # of all the texts as the model read them (after truncation, special tokens included)
 
 
 class Inference:
@@ -70,7 +71,7 @@ class Inference:
             timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             outputs = future.result(timeout=timeout)
             failed = False
-            return Result(model, outputs)
+            return Result(model, outputs, sum(map(len, encoded.ids)))
         except FutureTimeout:
             future.cancel()
             raise DeadlineExceeded("the deadline passed before the model answered") from None
@@ -80,22 +81,24 @@ class Inference:
             model.count(failed)
 
     def start_generation(self, name: str, version: str, request: GenerationRequest,
-                         bind: Callable[[Sequence], None] = lambda seq: None) -> tuple[LoadedModel, Sequence]:
-        """Check and queue a generation; `bind` gets the sequence (to cancel it when the caller leaves)."""
+                         bind: Callable[[Sequence], None] = lambda seq: None) -> tuple[LoadedModel, list[Sequence]]:
+        """Check and queue a generation: its sequences, one per completion; `bind` gets each (to cancel it when
+        the caller leaves)."""
         model = self._generative(name, version)
         try:
             try:
-                seq = model.backend.submit(request)
+                seqs = model.backend.submit(request)
             except Unavailable:
                 if version:
                     raise
                 model = self._generative(name, version)  # that version retired meanwhile: the newer one takes it
-                seq = model.backend.submit(request)
+                seqs = model.backend.submit(request)
         except Exception:
             model.count(failed=True)
             raise
-        bind(seq)
-        return model, seq
+        for seq in seqs:
+            bind(seq)
+        return model, seqs
 
     def _generative(self, name: str, version: str) -> LoadedModel:
         model = self.repository.get(name, version)
@@ -104,19 +107,18 @@ class Inference:
         return model
 
     def generate(self, name: str, version: str, request: GenerationRequest,
-                 bind: Callable[[Sequence], None] = lambda seq: None):
-        """(model, text, token ids, finish reason, usage, logprobs) of a whole completion; logprobs are those
-        of the tokens that make the text, empty unless the request asked for them."""
-        model, seq = self.start_generation(name, version, request, bind)
-        text, ids, finish, usage = self.complete(model, seq, request.deadline)
-        return model, text, ids, finish, usage, model.backend.logprobs(seq, text)
+                 bind: Callable[[Sequence], None] = lambda seq: None) -> tuple[LoadedModel, list[Completion], Usage]:
+        """(model, completions, usage) of a whole generation: one completion per SamplingParams.n."""
+        model, seqs = self.start_generation(name, version, request, bind)
+        completions, usage = self.complete(model, seqs, request.deadline)
+        return model, completions, usage
 
     @staticmethod
-    def complete(model: LoadedModel, seq: Sequence, deadline: float | None):
-        """Wait for a started generation: (text, token ids, finish reason, usage); counted in the statistics."""
+    def complete(model: LoadedModel, seqs: list[Sequence], deadline: float | None) -> tuple[list[Completion], Usage]:
+        """Wait for a started generation: its completions and usage; counted in the statistics."""
         failed = True
         try:
-            result = model.backend.complete(seq, deadline)
+            result = model.backend.complete(seqs, deadline)
             failed = False
             return result
         finally:
@@ -124,11 +126,12 @@ class Inference:
 
     def stream(self, name: str, version: str, request: GenerationRequest,
                bind: Callable[[Sequence], None] = lambda seq: None) -> Iterator[Chunk]:
-        model, seq = self.start_generation(name, version, request, bind)
+        model, seqs = self.start_generation(name, version, request, bind)
         failed = True
         try:
-            yield from model.backend.stream(seq, request.deadline)
+            yield from model.backend.stream(seqs, request.deadline)
             failed = False
         finally:
-            seq.cancel()  # a consumer that stops early frees the slot
+            for seq in seqs:
+                seq.cancel()  # a consumer that stops early frees the slots
             model.count(failed)

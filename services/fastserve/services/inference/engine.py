@@ -27,7 +27,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastserve.runtime.errors import ResourceExhausted, Unavailable
 from fastserve.services.inference.compute import on_compute_thread
@@ -75,19 +75,31 @@ class Engine:
 
     def submit(self, prompt: list[int], params: SamplingParams, priority: int = 0,
                deadline: float | None = None) -> Sequence:
-        if self.encoder_decoder:
-            seq = Sequence([self.start_id], params, priority, deadline, source=prompt)
-        else:
-            seq = Sequence(prompt, params, priority, deadline)
+        """One sequence (`params.n` is 1)."""
+        [seq] = self.submit_group(prompt, replace(params, n=1), priority, deadline)
+        return seq
+
+    def submit_group(self, prompt: list[int], params: SamplingParams, priority: int = 0,
+                     deadline: float | None = None) -> list[Sequence]:
+        """The `params.n` sequences of one request, queued together or refused together. Completion i samples
+        with seed + i, and the later ones copy the first's cached prompt (the scheduler's fork)."""
+        seqs: list[Sequence] = []
+        for index in range(params.n):
+            own = params if index == 0 or params.seed is None else replace(params, seed=(params.seed + index) % 2**63)
+            seq = (Sequence([self.start_id], own, priority, deadline, source=prompt) if self.encoder_decoder
+                   else Sequence(prompt, own, priority, deadline))
+            if seqs:
+                seq.index, seq.leader, seq.events = index, seqs[0], seqs[0].events
+            seqs.append(seq)
         with self.cond:
             if not self.accepting:
                 raise Unavailable(f"model {self.name} is unloading")
-            if not self.scheduler.has_room(len(self.incoming)):
+            if not self.scheduler.has_room(len(self.incoming) + len(seqs) - 1):
                 raise ResourceExhausted(f"{self.name} holds {self.scheduler.capacity} sequences, its limit; "
                                         "retry later")
-            self.incoming.append(seq)
+            self.incoming.extend(seqs)
             self.cond.notify()
-        return seq
+        return seqs
 
     def drain(self, timeout: float = 120.0) -> None:
         """Stop accepting, finish every sequence already in, then stop the thread."""

@@ -18,6 +18,9 @@ QUEUE_LENGTH = Gauge("fastserve_generation_queue_length", "Sequences not running
 PREEMPTIONS = Counter("fastserve_generation_preemptions", "Times a running sequence was left out of a step.", LABELS)
 EVICTIONS = Counter("fastserve_generation_evictions", "KV caches moved out of their slot.", [*LABELS, "to"])
 DEMOTIONS = Counter("fastserve_generation_demotions", "MLFQ demotions (quantum used up).", LABELS)
+SHARED_PREFILL = Counter("fastserve_generation_shared_prefill_tokens",
+                         "Prompt tokens a request's later completions copied from its first instead of computing.",
+                         LABELS)
 PROMOTIONS = Counter("fastserve_generation_promotions", "MLFQ promotions of starving sequences.", LABELS)
 TTFT = Histogram("fastserve_generation_time_to_first_token_seconds", "From arrival to the first token.", LABELS,
                  buckets=LATENCY_BUCKETS)
@@ -35,13 +38,15 @@ class EngineMetrics:
         self.step_seconds, self.preemptions = STEP_SECONDS.labels(*labels), PREEMPTIONS.labels(*labels)
         self.demotions, self.promotions = DEMOTIONS.labels(*labels), PROMOTIONS.labels(*labels)
         self.ttft, self.itl = TTFT.labels(*labels), ITL.labels(*labels)
+        self.shared_prefill = SHARED_PREFILL.labels(*labels)
         self.evictions = {to: EVICTIONS.labels(*labels, to) for to in ("host", "recompute")}
         self.queue_length = [QUEUE_LENGTH.labels(*labels, str(level)) for level in range(levels)]
 
     def remove(self) -> None:
         """Drop this engine's series from the registry (its model is unloaded), so that metrics do not grow
         with every model ever served. The caller makes sure no other engine shares the labels."""
-        for metric in (TOKENS, OCCUPANCY, STEP_SECONDS, PREEMPTIONS, DEMOTIONS, PROMOTIONS, TTFT, ITL):
+        for metric in (TOKENS, OCCUPANCY, STEP_SECONDS, PREEMPTIONS, DEMOTIONS, PROMOTIONS, TTFT, ITL,
+                       SHARED_PREFILL):
             _remove(metric, *self.labels)
         for to in ("host", "recompute"):
             _remove(EVICTIONS, *self.labels, to)

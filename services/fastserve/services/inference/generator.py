@@ -31,6 +31,7 @@ from fastserve.services.inference.output_processor import (
 )
 from fastserve.services.inference.sampling_params import SamplingParams
 from fastserve.services.inference.sequence import Finish, Sequence
+from fastserve.services.inference.structured_output import Grammars
 
 
 @dataclass(frozen=True)
@@ -55,14 +56,28 @@ class Usage:
 
 @dataclass(frozen=True)
 class Chunk:
-    """A piece of a streamed completion; the last one has `finish` and `usage`. `logprobs`: with
-    SamplingParams.logprobs, those that go with this piece (output_processor.py)."""
+    """A piece of a streamed completion; each completion's last has `finish`, and the stream's last `usage`
+    (for all n). `logprobs`: with SamplingParams.logprobs, those that go with this piece (output_processor.py).
+    `index`: which of the request's n completions it continues."""
 
     text: str
     token_ids: list[int]
     finish: Finish | None = None
     usage: Usage | None = None
     logprobs: list[Logprob] = ()
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One of a request's n completions, whole: logprobs are those of the tokens that make its text (empty
+    unless asked for)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish: Finish
+    logprobs: list[Logprob]
 
 
 class Generator:
@@ -85,7 +100,9 @@ class Generator:
         self.chat_template = open_chat_template(folder, settings.chat_template)
         decoder = open_decoder(model)
         self.vocab_size, self.encoder_decoder = decoder.vocab_size, decoder.encoder_decoder
-        self.engine = Engine(name, decoder, settings, _eos_ids(folder), self.decode, max_kv_bytes)
+        eos_ids = _eos_ids(folder)
+        self.engine = Engine(name, decoder, settings, eos_ids, self.decode, max_kv_bytes)
+        self.grammars = Grammars(self.tokenizer, min(eos_ids, default=None), decoder.vocab_size)
         self.context = self.engine.context
         # An encoder's input has a window of its own; a decoder's prompt shares the window with the output.
         self.max_prompt = decoder.max_source if decoder.encoder_decoder else self.context - 1
@@ -117,7 +134,8 @@ class Generator:
                                   field=field)
         return ids
 
-    def submit(self, request: GenerationRequest) -> Sequence:
+    def submit(self, request: GenerationRequest) -> list[Sequence]:
+        """The request's sequences (one per completion, SamplingParams.n), queued on the engine."""
         params = request.params  # checked where the protocol built it (SamplingParams.validate)
         prompt = self.prompt_ids(request)
         if request.chat is not None:  # added after the check: the bound is on what a request asks for
@@ -130,34 +148,47 @@ class Generator:
             raise InvalidArgument(f"max_new_tokens {params.max_new_tokens} does not fit: {room} tokens are left "
                                   f"of the {self.context}-token window after the prompt",
                                   field="sampling.max_new_tokens")
-        return self.engine.submit(prompt, params, request.priority, request.deadline)
+        if params.response_format.constrained:  # compiled here, on the caller's thread, not in an engine step
+            params = replace(params, grammar=self.grammars.compile(params.response_format))
+        return self.engine.submit_group(prompt, params, request.priority, request.deadline)
 
-    def complete(self, seq: Sequence, deadline: float | None) -> tuple[str, list[int], Finish, Usage]:
-        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        if not seq.done.wait(timeout):
-            seq.cancel()
-            raise DeadlineExceeded("the deadline passed before generation finished")
-        raise_if_cut_short(seq, deadline)
-        return final_text(seq, self.decode), seq.generated, seq.finish, usage(seq)
+    def complete(self, seqs: list[Sequence], deadline: float | None) -> tuple[list[Completion], Usage]:
+        """Each completion whole, once all have ended, and their usage together."""
+        for seq in seqs:
+            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            if not seq.done.wait(timeout):
+                for s in seqs:
+                    s.cancel()
+                raise DeadlineExceeded("the deadline passed before generation finished")
+            raise_if_cut_short(seq, deadline)
+        completions = []
+        for seq in seqs:
+            text = final_text(seq, self.decode)
+            logprobs = named(final_logprobs(seq, self.decode, text), self.decode)
+            completions.append(Completion(seq.index, text, seq.generated, seq.finish, logprobs))
+        return completions, usage(seqs)
 
-    def logprobs(self, seq: Sequence, text: str) -> list[Logprob]:
-        """A completed sequence's logprobs, those of the tokens that make `text` (what `complete` returned),
-        with their texts; empty unless it asked for them."""
-        return named(final_logprobs(seq, self.decode, text), self.decode)
-
-    def stream(self, seq: Sequence, deadline: float | None) -> Iterator[Chunk]:
-        """Chunks as tokens come: every token the engine produced since the previous chunk."""
-        for piece in text_stream(seq, self.decode, deadline):
+    def stream(self, seqs: list[Sequence], deadline: float | None) -> Iterator[Chunk]:
+        """Chunks as tokens come: for each completion, every token the engine produced since its previous chunk."""
+        left = len(seqs)
+        for index, piece in text_stream(seqs, self.decode, deadline):
+            left -= piece.last
+            seq = seqs[index]
             yield Chunk(piece.text, piece.token_ids, seq.finish if piece.last else None,
-                        usage(seq) if piece.last else None, named(piece.logprobs, self.decode))
+                        usage(seqs) if piece.last and not left else None, named(piece.logprobs, self.decode), index)
 
     def drain(self) -> None:
         self.engine.drain()
 
 
-def usage(seq: Sequence) -> Usage:
-    ms = lambda t: 0.0 if t is None else (t - seq.arrival) * 1e3  # noqa: E731
-    return Usage(seq.prompt_tokens, len(seq.generated), ms(seq.started), ms(seq.first_token), ms(seq.finished))
+def usage(seqs: list[Sequence]) -> Usage:
+    """A request's usage: its prompt once, the tokens of all its completions; its first token and its last."""
+    first = seqs[0]
+    ms = lambda t: 0.0 if t is None else (t - first.arrival) * 1e3  # noqa: E731
+    earliest = min((s.first_token for s in seqs if s.first_token is not None), default=None)
+    latest = max((s.finished for s in seqs if s.finished is not None), default=None)
+    return Usage(first.prompt_tokens, sum(len(s.generated) for s in seqs), ms(first.started), ms(earliest),
+                 ms(latest))
 
 
 def _eos_ids(folder: Path) -> set[int]:

@@ -245,7 +245,7 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                                               _generation_request(request, text, deadline),
                                               lambda seq: context.add_callback(seq.cancel))
                    for text in _texts(request, PROMPT_INPUT)]
-        texts = [self.core.complete(model, seq, deadline)[0] for model, seq in started]
+        texts = [self.core.complete(model, seqs, deadline)[0][0].text for model, seqs in started]
         return _text_response(started[0][0], request.id, texts)
 
     def ModelStreamInfer(self, request_iterator, context) -> Iterator[kpb.ModelStreamInferResponse]:

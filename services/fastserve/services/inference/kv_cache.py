@@ -53,6 +53,16 @@ class KVCache:
             saved = [(k.pin_memory(), v.pin_memory()) for k, v in saved]
         return saved
 
+    def copy(self, src: int, dst: int, length: int) -> None:
+        """Slot `src`'s first `length` positions (and its cross-attention states) into slot `dst`."""
+        for keys, values in zip(self.keys, self.values, strict=True):
+            keys[dst, :, :length].copy_(keys[src, :, :length])
+            values[dst, :, :length].copy_(values[src, :, :length])
+        for keys, values in zip(self.cross_keys, self.cross_values, strict=True):
+            keys[dst].copy_(keys[src])
+            values[dst].copy_(values[src])
+        self.source_lengths[dst] = self.source_lengths[src]
+
     def restore(self, slot: int, saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         targets = list(zip(self.keys, self.values, strict=True)) + list(zip(self.cross_keys, self.cross_values,
                                                                              strict=True))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ from fastserve.runtime.errors import InvalidArgument
 from fastserve.services.inference.attention import CALL_COST, step_attention, step_cross_attention
 from fastserve.services.inference.decoder import Decoder
 from fastserve.services.inference.kv_cache import KVCache, slot_bytes
-from fastserve.services.inference.sampling import Sampler, SamplingError, choose_tokens, token_logprobs
+from fastserve.services.inference.sampling import Sampler, SamplingError, choose_tokens, constrain, token_logprobs
 from fastserve.services.inference.step import RunnerOutput, ScheduledSequence, SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class _Running:
     tokens: list[int]  # its start and every token sampled since: what a repetition penalty has seen
     source: list[int] | None
     prompt_length: int  # its start's: the tokens after it are those presence and frequency penalties count
+    constraint: Any = None  # its response format's state (structured_output.Constraint), if it has one
 
 
 def _check_memory(per_slot: int, slots: int, host_slots: int, max_bytes: float) -> None:
@@ -81,13 +83,16 @@ class ModelRunner:
             self.host.pop(seq_id, None)
         for new in step.new_sequences:
             try:
+                grammar = new.params.grammar
                 self.running[new.seq_id] = _Running(Sampler(new.params), list(new.token_ids), new.source,
-                                                    len(new.token_ids))
+                                                    len(new.token_ids), grammar.constraint() if grammar else None)
             except (RuntimeError, ValueError, OverflowError):  # torch refused its seed
                 log.warning("sequence %d cannot sample", new.seq_id, exc_info=True)
                 failed[new.seq_id] = "its sampling parameters cannot be used"
         for op in step.offloads:
             self.host[op.seq_id] = self.cache.offload(op.slot, op.length)
+        for op in step.copies:
+            self.cache.copy(op.src_slot, op.dst_slot, op.length)
         for op in step.restores:
             self.cache.restore(op.slot, self.host.pop(op.seq_id))
         for op in step.encodes:
@@ -143,8 +148,13 @@ class ModelRunner:
             return
         logits = self.decoder.logits(hidden[as_tensor(last_rows)])
         sampling = [self.running[seq_id] for seq_id in sampled]
-        tokens = choose_tokens(logits, [r.sampler for r in sampling], [r.tokens for r in sampling],
+        formatted = [j for j, r in enumerate(sampling) if r.constraint is not None]
+        allowed, blocked = (constrain(logits, formatted, [sampling[j].constraint for j in formatted]) if formatted
+                            else (logits, set()))
+        tokens = choose_tokens(allowed, [r.sampler for r in sampling], [r.tokens for r in sampling],
                                [r.prompt_length for r in sampling])
+        for j in blocked:
+            tokens[j] = SamplingError("the response format allows no token here")
         # Logprobs from the raw logits, for the rows that ask alone.
         asking = [j for j, (r, token) in enumerate(zip(sampling, tokens, strict=True))
                   if r.sampler.params.logprobs and not isinstance(token, SamplingError)]
@@ -155,8 +165,21 @@ class ModelRunner:
             if isinstance(token, SamplingError):
                 out.failed[seq_id] = str(token)
                 continue
+            if r.constraint is not None and not self._advance(r.constraint, token):
+                out.failed[seq_id] = "the sampled token does not fit the response format"
+                continue
             r.tokens.append(token)
             out.seq_ids.append(seq_id)
             out.sampled_token_ids.append([token])
             if j in measured:
                 out.logprobs[seq_id] = [measured[j]]
+
+    @staticmethod
+    def _advance(constraint, token: int) -> bool:
+        """Move a response format's state past `token`. A complete format allows only EOS, which ends the
+        sequence without moving the state."""
+        try:
+            constraint.advance(token)
+        except ValueError:
+            return constraint.finished
+        return True

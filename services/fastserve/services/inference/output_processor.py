@@ -77,10 +77,9 @@ class OutputProcessor:
                 else:
                     self.metrics.itl.observe(now - seq.last_token)
                 seq.last_token = now
-            if u.token_ids:
-                seq.events.put(u.token_ids)
+            if u.token_ids or u.finish is not None:
+                seq.events.put((seq.index, u.finish is not None))
             if u.finish is not None:
-                seq.events.put(None)
                 seq.done.set()
 
 
@@ -155,32 +154,56 @@ def named(logprobs: list[TokenLogprob], decode: Decode) -> list[Logprob]:
                     tuple(Candidate(t, text(t), value) for t, value in lp.top)) for lp in logprobs]
 
 
-def text_stream(seq: Sequence, decode: Decode, deadline: float | None) -> Iterator[Piece]:
-    """Pieces as tokens come: every token the engine produced since the previous piece."""
-    stops, asked = seq.params.stop_sequences, seq.params.logprobs
-    hold = max(map(len, stops), default=1) - 1
-    emitted, sent_ids, sent_logprobs, ended = "", 0, 0, False
-    while not ended:
-        batch = [seq.events.get()]
-        while not seq.events.empty():
-            batch.append(seq.events.get())
-        ended = batch[-1] is None
+class _Follower:
+    """One sequence's stream state: what of its text, ids and logprobs went out already."""
+
+    def __init__(self, seq: Sequence, decode: Decode, deadline: float | None) -> None:
+        self.seq, self.decode, self.deadline = seq, decode, deadline
+        self.hold = max(map(len, seq.params.stop_sequences), default=1) - 1
+        self.emitted, self.sent_ids, self.sent_logprobs, self.ended = "", 0, 0, False
+
+    def advance(self, ended: bool) -> Piece | None:
+        """The piece its new tokens make (None while they make nothing to send); `ended`: its end came."""
+        seq, decode = self.seq, self.decode
+        stops, asked = seq.params.stop_sequences, seq.params.logprobs
+        self.ended = ended
         generated = seq.generated  # a token's logprob is in before the token (the scheduler's order)
         if ended:
-            raise_if_cut_short(seq, deadline)
+            raise_if_cut_short(seq, self.deadline)
             text = final_text(seq, decode)
         else:
             text = decoded(decode, generated).rstrip("\ufffd")  # wait for a character's last bytes
-            text = text[:max(len(text) - hold, 0)] if stops else text
-        ids = generated[sent_ids:]
-        if text.startswith(emitted) and (len(text) > len(emitted) or ids or ended):
-            if not asked:
-                upto = sent_logprobs
-            elif ended:
-                upto = _making(seq, decode, len(text))
-            elif stops:
-                upto = _completed(decode, generated, sent_logprobs, len(text))
-            else:
-                upto = len(generated)
-            yield Piece(text[len(emitted):], ids, ended, seq.logprobs[sent_logprobs:upto])
-            emitted, sent_ids, sent_logprobs = text, sent_ids + len(ids), max(upto, sent_logprobs)
+            text = text[:max(len(text) - self.hold, 0)] if stops else text
+        ids = generated[self.sent_ids:]
+        if not (text.startswith(self.emitted) and (len(text) > len(self.emitted) or ids or ended)):
+            return None
+        if not asked:
+            upto = self.sent_logprobs
+        elif ended:
+            upto = _making(seq, decode, len(text))
+        elif stops:
+            upto = _completed(decode, generated, self.sent_logprobs, len(text))
+        else:
+            upto = len(generated)
+        piece = Piece(text[len(self.emitted):], ids, ended, seq.logprobs[self.sent_logprobs:upto])
+        self.emitted, self.sent_ids = text, self.sent_ids + len(ids)
+        self.sent_logprobs = max(upto, self.sent_logprobs)
+        return piece
+
+
+def text_stream(seqs: list[Sequence], decode: Decode, deadline: float | None) -> Iterator[tuple[int, Piece]]:
+    """(index, piece) as tokens come: for each of a request's sequences (which share one event queue), every
+    token the engine produced for it since its previous piece; each sequence's last piece has `last`."""
+    followers = {seq.index: _Follower(seq, decode, deadline) for seq in seqs}
+    events = seqs[0].events
+    while not all(f.ended for f in followers.values()):
+        batch = [events.get()]
+        while not events.empty():
+            batch.append(events.get())
+        news: dict[int, bool] = {}
+        for index, ended in batch:
+            news[index] = news.get(index, False) or ended
+        for index, ended in news.items():
+            piece = followers[index].advance(ended)
+            if piece is not None:
+                yield index, piece

@@ -125,6 +125,22 @@ def choose_tokens(logits: torch.Tensor, samplers: list[Sampler], seen: list[list
     return tokens
 
 
+def constrain(logits: torch.Tensor, rows: list[int], constraints: list) -> tuple[torch.Tensor, set[int]]:
+    """`logits` [n, vocab] with every token each of `rows` may not produce next set to -inf, as its response
+    format's state (structured_output.Constraint) allows, and the rows it allows nothing: a copy, `logits`
+    itself left for the raw logprobs. Each state writes its bitmask (a bit a token, 32 a word) into one row."""
+    vocab = logits.shape[-1]
+    bitmask = torch.empty(len(rows), (vocab + 31) // 32, dtype=torch.int32)
+    for j, constraint in enumerate(constraints):
+        constraint.write_mask(bitmask[j])
+    bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+    allowed = bits.view(len(rows), -1)[:, :vocab].bool().to(logits.device)
+    index = torch.tensor(rows, device=logits.device)
+    part = logits[index].masked_fill(~allowed, float("-inf"))
+    blocked = {rows[j] for j, none in enumerate((~allowed.any(-1)).tolist()) if none}
+    return logits.index_copy(0, index, part), blocked
+
+
 def token_logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int], tops: list[int]) -> list[TokenLogprob]:
     """For each of `rows` of the raw `logits` [n, vocab]: the logprob of its chosen token and its `tops[j]`
     most likely tokens; one log-softmax and one top-k over those rows alone."""

@@ -11,9 +11,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from fastserve.runtime.errors import InvalidArgument
 from fastserve.services.inference.logprobs import MAX_TOP_LOGPROBS
+from fastserve.services.inference.structured_output import ResponseFormat
 
 DEFAULT_MAX_NEW_TOKENS = 64
 MAX_NEW_TOKENS = 8192  # above any window the engine serves (2048); the window check is the generator's
@@ -24,6 +26,7 @@ MAX_PENALTY = 2.0  # presence and frequency penalties, in [-2, 2] as in OpenAI's
 MAX_SEED = 2**63 - 1
 MAX_STOP_SEQUENCES, MAX_STOP_LENGTH = 16, 256  # each stop costs a tail decode per token
 MAX_STOP_TOKEN_IDS = 64
+MAX_N = 16  # completions of one request: each takes a place in the batch
 _FLOAT32 = 1 - 2**-20  # the proto's floats are float32: 0.01 arrives as 0.00999999977
 
 
@@ -45,6 +48,11 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: bool = False  # each generated token's logprob (logprobs.py)
     top_logprobs: int = 0  # with logprobs: this many most likely alternatives per token
+    n: int = 1  # completions of the prompt, sharing its prefill (the engine gives each its own sequence)
+    response_format: ResponseFormat = ResponseFormat()
+    # The response format compiled for the model's vocabulary (structured_output.Grammar), set by the generator
+    # before the request reaches the engine; the runner masks logits with it. Opaque here: no torch, no compiling.
+    grammar: Any = None
 
     @property
     def greedy(self) -> bool:
@@ -85,7 +93,10 @@ class SamplingParams:
             raise bad("top_logprobs", f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         if self.top_logprobs and not self.logprobs:
             raise bad("top_logprobs", "top_logprobs needs logprobs")
+        if not 1 <= self.n <= MAX_N:
+            raise bad("n", f"n must be in [1, {MAX_N}], got {self.n}")
         self._validate_stops(bad)
+        self.response_format.validate(field=(fields or {}).get("response_format", "sampling.response_format"))
         return self
 
     def _validate_stops(self, bad) -> None:

@@ -26,6 +26,7 @@ from fastserve.services.inference.kv_slots import KVSlots
 from fastserve.services.inference.scheduling import make_policy
 from fastserve.services.inference.sequence import Finish, Sequence, SequenceUpdate
 from fastserve.services.inference.step import (
+    Copy,
     Encode,
     NewSequence,
     Offload,
@@ -174,10 +175,12 @@ class Scheduler:
                 break
             pending = len(seq.tokens) - seq.cached
             chunk = 1 if pending == 1 else min(pending, budget)
-            if chunk == 0:
+            if chunk == 0 or self._awaits_leader(seq):
                 continue
             if seq.slot is None and not self._place(seq, ordered, chosen, step):
                 continue  # no slot it may take; a lower-ranked sequence that holds one can still run
+            if seq.cached and len(seq.tokens) - seq.cached == 1:  # it forked: one prompt token is left to run
+                pending = chunk = 1
             if pending > 1:
                 budget -= chunk
             batch.append((seq, chunk))
@@ -205,9 +208,48 @@ class Scheduler:
             step.restores.append(Restore(seq.order, slot))
             seq.on_host = False
             self.kv.release_host_place()
+        elif self._fork(seq, slot, step):
+            pass
         elif seq.source is not None and not seq.encoded:
             step.encodes.append(Encode(seq.order, slot))
             seq.encoded = True
+        return True
+
+    # --- n completions of one prompt -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _shared(seq: Sequence) -> int:
+        """Positions of `seq`'s prompt another sequence's cache can give it: all but the last prompt token,
+        which runs to produce its first logits (an encoder-decoder shares its encoder states, and no position)."""
+        return len(seq.prompt) - 1
+
+    def _awaits_leader(self, seq: Sequence) -> bool:
+        """A later completion of a request waits while its leader has not finished prefilling the prompt (it
+        has sampled no token yet), so that it copies the leader's cache instead of computing the same prompt."""
+        leader = seq.leader
+        if leader is None or seq.slot is not None or seq.cached or seq.on_host or leader.finish is not None:
+            return False
+        if not (self._shared(seq) or seq.source is not None):
+            return False  # a one-token prompt: nothing to share
+        return len(leader.tokens) == len(leader.prompt)
+
+    def _fork(self, seq: Sequence, slot: int, step: SchedulerOutput) -> bool:
+        """Start `seq` (just given `slot`) from its leader's cached prompt, when the leader's slot holds it now:
+        the copy runs before this step's restores and encodes, so a slot they refill is no source."""
+        leader, shared = seq.leader, self._shared(seq)
+        if leader is None or seq.cached or leader.slot is None or leader.finish is not None:
+            return False
+        if any(op.slot == leader.slot for op in (*step.restores, *step.encodes)):
+            return False
+        if seq.source is not None:
+            if not leader.encoded:
+                return False
+            seq.encoded = True
+        elif shared == 0 or leader.cached < shared:
+            return False
+        step.copies.append(Copy(leader.slot, slot, shared))
+        seq.cached = shared
+        self.metrics.shared_prefill.inc(shared)
         return True
 
     def _evict(self, seq: Sequence, step: SchedulerOutput) -> None:

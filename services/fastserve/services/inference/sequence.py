@@ -53,8 +53,14 @@ class Sequence:
     error: str = ""  # with Finish.ERROR: what failed, safe to show the caller
     preemptions: int = 0
     cancelled: bool = False
-    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # lists of new ids, then None
+    # (index, ended) each step it gains tokens or ends: a group's sequences share their leader's queue, so that
+    # one reader follows all n completions of a request.
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     done: threading.Event = field(default_factory=threading.Event)
+    # One of the n completions of a request (SamplingParams.n): `index` its place, `leader` the first, whose
+    # cached prompt the others copy rather than prefill it again (the scheduler's fork).
+    index: int = 0
+    leader: Sequence | None = None
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)

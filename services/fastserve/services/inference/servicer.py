@@ -20,6 +20,7 @@ from fastserve.services.inference.logprobs import Logprob
 from fastserve.services.inference.repository import LoadedModel, ModelRepository, ModelSettings
 from fastserve.services.inference.sampling_params import SamplingParams
 from fastserve.services.inference.scheduling import MlfqSettings
+from fastserve.services.inference.structured_output import ResponseFormat
 
 SERVICE = "inference"
 # BACKEND_UNSPECIFIED: the folder decides (an ONNX-only folder runs on ONNX Runtime, any other on PyTorch).
@@ -82,6 +83,16 @@ def generation_settings(config: pb.ModelConfig) -> GenerationSettings:
         chat_template=g.chat_template)
 
 
+FORMATS = {pb.RESPONSE_FORMAT_TYPE_UNSPECIFIED: "text", pb.RESPONSE_FORMAT_TYPE_TEXT: "text",
+           pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT: "json_object", pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA: "json_schema"}
+
+
+def response_format_of(f: pb.ResponseFormat) -> ResponseFormat:
+    if f.type not in FORMATS:  # proto3 enums are open
+        raise InvalidArgument(f"unknown response format type {f.type}", field="sampling.response_format.type")
+    return ResponseFormat(FORMATS[f.type], f.json_schema)
+
+
 def sampling_of(s: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=s.max_new_tokens if s.HasField("max_new_tokens") else SamplingParams.max_new_tokens,
@@ -89,7 +100,7 @@ def sampling_of(s: pb.SamplingParams) -> SamplingParams:
         repetition_penalty=s.repetition_penalty or 1.0, seed=s.seed if s.HasField("seed") else None,
         stop_sequences=tuple(s.stop_sequences), stop_token_ids=tuple(s.stop_token_ids),
         presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty, logprobs=s.logprobs,
-        top_logprobs=s.top_logprobs).validate()
+        top_logprobs=s.top_logprobs, n=s.n or 1, response_format=response_format_of(s.response_format)).validate()
 
 
 def generation_request(request: pb.GenerateRequest | pb.GenerateStreamRequest,
@@ -128,16 +139,20 @@ def chunk_proto(chunk: Chunk, reply: type = pb.GenerateStreamResponse):
     return reply(
         text=chunk.text, token_ids=chunk.token_ids,
         finish_reason=FINISH[chunk.finish] if chunk.finish else pb.FINISH_REASON_UNSPECIFIED,
-        usage=usage_proto(chunk.usage) if chunk.usage else None, logprobs=logprobs_proto(chunk.logprobs))
+        usage=usage_proto(chunk.usage) if chunk.usage else None, logprobs=logprobs_proto(chunk.logprobs),
+        index=chunk.index)
 
 
 def completion_reply(core: Inference, request, generation: GenerationRequest, context, reply: type):
-    """A whole completion as `reply` (GenerateResponse or ChatResponse: the same fields), its sequence
-    cancelled if the call ends first."""
-    _, text, ids, finish, usage, logprobs = core.generate(request.model, request.version, generation,
-                                                          lambda seq: context.add_callback(seq.cancel))
-    return reply(text=text, token_ids=ids, finish_reason=FINISH[finish], usage=usage_proto(usage),
-                 logprobs=logprobs_proto(logprobs))
+    """A whole generation as `reply` (GenerateResponse or ChatResponse: the same fields): its first completion,
+    and all n when it asked for more; its sequences are cancelled if the call ends first."""
+    _, completions, usage = core.generate(request.model, request.version, generation,
+                                          lambda seq: context.add_callback(seq.cancel))
+    first = completions[0]
+    every = [pb.Completion(index=c.index, text=c.text, token_ids=c.token_ids, finish_reason=FINISH[c.finish],
+                           logprobs=logprobs_proto(c.logprobs)) for c in completions] if len(completions) > 1 else []
+    return reply(text=first.text, token_ids=first.token_ids, finish_reason=FINISH[first.finish],
+                 usage=usage_proto(usage), logprobs=logprobs_proto(first.logprobs), completions=every)
 
 
 FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS,
@@ -202,7 +217,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                                request.priority, deadline_of(context), "embedding",
                                lambda future: context.add_callback(future.cancel))
         return pb.EmbedResponse(embeddings=[pb.Embedding(values=row) for row in result.outputs.tolist()],
-                                dimension=int(result.outputs.shape[1]))
+                                dimension=int(result.outputs.shape[1]), prompt_tokens=result.tokens)
 
     def Classify(self, request: pb.ClassifyRequest, context):
         if request.top_k < 0:

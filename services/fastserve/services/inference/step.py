@@ -53,6 +53,16 @@ class Restore:
 
 
 @dataclass(slots=True)
+class Copy:
+    """Copy the first `length` positions of `src_slot` (and its encoder states) into `dst_slot`: a sequence
+    that shares its prompt with another (one of a request's n completions) starts from its cache."""
+
+    src_slot: int
+    dst_slot: int
+    length: int
+
+
+@dataclass(slots=True)
 class Encode:
     """Run the encoder on `seq_id`'s source and store its cross-attention states in the slot."""
 
@@ -64,8 +74,10 @@ class Encode:
 class SchedulerOutput:
     sequences: list[ScheduledSequence] = field(default_factory=list)  # in policy order
     new_sequences: list[NewSequence] = field(default_factory=list)
-    # Done in this order, before the forward pass: a slot offloaded may be refilled in the same step.
+    # Done in this order, before the forward pass: a slot offloaded may be refilled in the same step, and a
+    # copy reads its source before a restore or an encode may overwrite it.
     offloads: list[Offload] = field(default_factory=list)
+    copies: list[Copy] = field(default_factory=list)
     restores: list[Restore] = field(default_factory=list)
     encodes: list[Encode] = field(default_factory=list)
     finished_ids: list[int] = field(default_factory=list)  # ended since the last step: forget them
