@@ -1,27 +1,29 @@
 """`create_app`: the OpenAI-compatible HTTP API over the inference service's gRPC calls. Routes only
-translate (see `translate`); the gRPC calls block, so they run in worker threads."""
+translate (see `translate`). Generation and embedding go over a grpc.aio channel (`AsyncInferenceClient`),
+read by the event loop itself: a streamed completion is one gRPC message per token, and a worker thread
+per message (or per stream) costs the engine CPU on a small machine. The model listings, the health
+check and the KServe routes use the blocking client in worker threads."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from weakref import WeakKeyDictionary
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from fastserve.client import ClientError, FastServeClient, InferenceClient
+from fastserve.client import ClientError, FastServeClient
+from fastserve.client.aio import AsyncInferenceClient, ServerStream
 from fastserve.inference.v1 import inference_pb2 as pb
-from fastserve.services.gateway import errors, kserve_rest, translate
+from fastserve.services.gateway import errors, kserve_rest, request_ids, translate
 from fastserve.services.gateway.errors import GatewayError
 from fastserve.services.gateway.middleware import GatewayMiddleware, Metrics
 from fastserve.services.gateway.openai_schema import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from fastserve.services.gateway.stream_reader import END, Failure, StreamReader, Throttle, coalesce
 
 log = logging.getLogger(__name__)
 
@@ -46,69 +48,64 @@ def _event(payload) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-# The readers `_open` started, by stream, for `_relay` to take over (weak: a stream never relayed is dropped).
-_readers: WeakKeyDictionary = WeakKeyDictionary()
-DISCONNECT_CHECK_SECONDS = 0.1
-
-
-async def _relay(request: Request, stream: Iterator, first) -> AsyncIterator:
-    """`first` then the rest of the gRPC `stream`, in batches from the `StreamReader` that `_open`
-    started (else each `next` in a worker thread); the stream is closed at the end, on a disconnect, or
-    on cancellation, which cancels the call. A disconnect is looked for at most every
-    DISCONNECT_CHECK_SECONDS: the check is dear, and Starlette cancels a response whose client left."""
-    reader, disconnect_check = _readers.pop(stream, None), Throttle(DISCONNECT_CHECK_SECONDS)
+async def _relay(stream: ServerStream, first) -> AsyncIterator:
+    """`first` then the rest of the gRPC `stream`; the call is cancelled however this ends. A client that
+    goes away is noticed by Starlette (it listens for the disconnect while the response streams), which
+    cancels the response's task: the pending read raises CancelledError and grpc.aio cancels the call."""
     try:
         if first is _END:
             return
         yield first
-        while True:
-            if disconnect_check.due() and await request.is_disconnected():
-                log.info("client disconnected mid-stream; cancelling the generation")
-                return
-            if reader is None:
-                item = await run_in_threadpool(next, stream, _END)
-                if item is _END:
-                    return
-                yield item
-                continue
-            for item in coalesce(await reader.batch()):
-                if item is END:
-                    return
-                if isinstance(item, Failure):
-                    item.raise_in(stream)
-                yield item
+        async for item in stream:
+            yield item
+    except asyncio.CancelledError:
+        log.info("response cancelled mid-stream (the client went away?); cancelling the generation")
+        raise
     finally:
-        stream.close()
+        stream.cancel()
 
 
-async def _open(stream: Iterator):
-    """The stream's first message, fetched before the response starts so that a refused request is an
-    HTTP error, not a broken stream; then a `StreamReader` reads the rest for `_relay`."""
+async def _open(stream: ServerStream):
+    """The stream's first message (or `_END`), read before the response starts so that a refused request
+    is an HTTP error, not a broken stream."""
     try:
-        first = await run_in_threadpool(next, stream, _END)
-        if first is not _END:
-            reader = StreamReader.attach(stream)
-            if reader is not None:
-                _readers[stream] = reader
-        return first
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return _END
     except BaseException:
-        stream.close()
+        stream.cancel()
         raise
 
 
-def create_app(client: FastServeClient | InferenceClient, auth_token: str = "") -> FastAPI:
+async def _all(calls: list[Awaitable]) -> list:
+    """The replies of `calls` run together (so that the engine batches them); when one fails, or the
+    request is cancelled, the others are cancelled too, and the first failure is raised."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def create_app(client: FastServeClient, auth_token: str = "") -> FastAPI:
     """The gateway over `client` (its inference service); with `auth_token`, every route but `/health`
-    and the docs needs `Authorization: Bearer <auth_token>`."""
-    inference = client.inference if isinstance(client, FastServeClient) else client
+    and the docs needs `Authorization: Bearer <auth_token>`. The generation calls go over an async client
+    of the same server and credentials, made when the app starts (a grpc.aio channel belongs to its loop)."""
+    inference = client.inference
     started = translate.now()
     metrics = Metrics()
-    # Threads for the prompts of one completion request, sent together so the engine batches them.
-    pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="gateway-prompts")
+    calls: AsyncInferenceClient | None = None
 
     @asynccontextmanager
     async def lifespan(_app):
-        yield
-        pool.shutdown(wait=False, cancel_futures=True)
+        nonlocal calls
+        # The HTTP request's id (`logs.request_id`) goes on every call, as the blocking channel's interceptor does.
+        calls = AsyncInferenceClient.from_client(client, metadata=request_ids.call_metadata)
+        try:
+            yield
+        finally:
+            await calls.close()
 
     app = FastAPI(title="FastServe OpenAI-compatible API", version="1", lifespan=lifespan,
                   description="OpenAI's chat, completions, embeddings and models endpoints over FastServe.")
@@ -117,14 +114,7 @@ def create_app(client: FastServeClient | InferenceClient, auth_token: str = "") 
 
     @app.get("/health", include_in_schema=False)
     async def health():
-        if isinstance(client, FastServeClient):
-            ok = await run_in_threadpool(client.health, "inference") == "SERVING"
-        else:
-            try:
-                await run_in_threadpool(inference.list_models, True, timeout=2.0)
-                ok = True
-            except ClientError:
-                ok = False
+        ok = await run_in_threadpool(client.health, "inference") == "SERVING"
         return JSONResponse({"status": "ok" if ok else "inference service unavailable"}, 200 if ok else 503)
 
     @app.get("/metrics", include_in_schema=False)
@@ -150,14 +140,14 @@ def create_app(client: FastServeClient | InferenceClient, auth_token: str = "") 
         return model_card(model_id)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def chat_completions(body: ChatCompletionRequest):
         messages, sampling = translate.chat_call(body)
         logprobs = bool(body.logprobs)
         if not body.stream:
-            reply = await run_in_threadpool(inference.chat, body.model, messages, sampling)
+            reply = await calls.chat(body.model, messages, sampling)
             return translate.chat_completion(body.model, reply, logprobs)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = inference.chat_stream(body.model, messages, sampling)
+        stream = calls.chat_stream(body.model, messages, sampling)
         first = await _open(stream)
         chunks = translate.ChatStream(body.model, translate.choices_per_prompt(body), logprobs, include_usage)
 
@@ -166,13 +156,13 @@ def create_app(client: FastServeClient | InferenceClient, auth_token: str = "") 
                 async for event in chat_events():
                     yield event
             finally:
-                stream.close()
+                stream.cancel()
 
         async def chat_events():
             for chunk in chunks.opening():
                 yield _event(chunk)
             last = None
-            async for part in _relay(request, stream, first):
+            async for part in _relay(stream, first):
                 last = part
                 for chunk in chunks.chunks(part):
                     yield _event(chunk)
@@ -185,20 +175,18 @@ def create_app(client: FastServeClient | InferenceClient, auth_token: str = "") 
         return _Events(events())
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(body: CompletionRequest):
         prompts, sampling = translate.completion_call(body)
         n, logprobs = translate.choices_per_prompt(body), body.logprobs is not None
         if not body.stream:
-            def run_all():
-                futures = [pool.submit(inference.generate, body.model, p, sampling) for p in prompts]
-                with translate.completion_errors():
-                    return [(p if isinstance(p, str) else "", f.result())
-                            for p, f in zip(prompts, futures, strict=True)]
-            return translate.completion(body.model, await run_in_threadpool(run_all), body.echo, n, logprobs)
+            with translate.completion_errors():
+                replies = await _all([calls.generate(body.model, p, sampling) for p in prompts])
+            pairs = [(p if isinstance(p, str) else "", r) for p, r in zip(prompts, replies, strict=True)]
+            return translate.completion(body.model, pairs, body.echo, n, logprobs)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = translate.CompletionStream(body.model, n, logprobs, include_usage, echo=body.echo)
         # Prompts stream one after another; the first is opened here so that a refusal is an HTTP error.
-        stream = inference.generate_stream(body.model, prompts[0], sampling)
+        stream = calls.generate_stream(body.model, prompts[0], sampling)
         with translate.completion_errors():
             first = await _open(stream)
 
@@ -207,14 +195,14 @@ def create_app(client: FastServeClient | InferenceClient, auth_token: str = "") 
                 async for event in completion_events():
                     yield event
             finally:
-                stream.close()
+                stream.cancel()
 
         async def completion_events():
             nonlocal stream, first
             prompt_tokens = completion_tokens = 0
             for index, prompt in enumerate(prompts):
                 if index:
-                    stream = inference.generate_stream(body.model, prompt, sampling)
+                    stream = calls.generate_stream(body.model, prompt, sampling)
                     try:
                         first = await _open(stream)
                     except ClientError as error:
@@ -224,7 +212,7 @@ def create_app(client: FastServeClient | InferenceClient, auth_token: str = "") 
                 for chunk in chunks.start(index, prompt):
                     yield _event(chunk)
                 last = None
-                async for part in _relay(request, stream, first):
+                async for part in _relay(stream, first):
                     last = part
                     for chunk in chunks.chunks(part):
                         yield _event(chunk)
@@ -243,7 +231,7 @@ def create_app(client: FastServeClient | InferenceClient, auth_token: str = "") 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
         texts = translate.embedding_texts(body.input)
-        reply = await run_in_threadpool(inference.embed, body.model, texts)
+        reply = await calls.embed(body.model, texts)
         return translate.embeddings(body.model, reply, body.encoding_format, body.dimensions)
 
     return _wrap(app, auth_token, metrics)

@@ -16,6 +16,13 @@ class _Details(grpc.ClientCallDetails):
         self.metadata = metadata
 
 
+def call_metadata() -> tuple[tuple[str, str], ...]:
+    """The metadata `RequestIdInterceptor` adds, for the async client (`AsyncInferenceClient(metadata=...)`),
+    which calls it in the task of the HTTP request."""
+    rid = logs.request_id.get()
+    return () if rid == "-" else (("x-request-id", rid),)
+
+
 class RequestIdInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
     """Adds the current `logs.request_id` (set per HTTP request; worker threads get a copy of the
     context) to every call made outside no request ('-')."""
