@@ -20,13 +20,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import grpc
 
 from fastserve.client.calls import COMPUTE, GENERATE, RETRYABLE, RetryPolicy
-from fastserve.client.channels import _BearerToken
+from fastserve.client.channels import channel_options, tls_credentials
 from fastserve.client.client import FastServeClient
 from fastserve.client.errors import ClientError
 from fastserve.client.inference import Message, _prompt, chat_messages
@@ -43,18 +42,10 @@ def make_aio_channel(target: str, *, token: str = "", tls_ca: str = "", client_c
     """A grpc.aio channel to `target` with `make_channel`'s TLS and limits. The token goes in the
     credentials only over TLS; on a plaintext channel the client sends it as metadata (see
     `AsyncInferenceClient`)."""
-    limit = max_message_mb * 1024 * 1024
-    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit), *options]
+    options = channel_options(max_message_mb, options)
     if not tls_ca:
         return grpc.aio.insecure_channel(target, options)
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=Path(tls_ca).read_bytes(),
-        private_key=Path(client_key).read_bytes() if client_key else None,
-        certificate_chain=Path(client_cert).read_bytes() if client_cert else None)
-    if token:
-        credentials = grpc.composite_channel_credentials(
-            credentials, grpc.metadata_call_credentials(_BearerToken(token)))
-    return grpc.aio.secure_channel(target, credentials, options)
+    return grpc.aio.secure_channel(target, tls_credentials(tls_ca, client_cert, client_key, token), options)
 
 
 class ServerStream:

@@ -22,13 +22,25 @@ def make_channel(target: str, *, token: str = "", tls_ca: str = "", client_cert:
                  max_message_mb: int = 64, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
     """A channel to `target`, TLS when `tls_ca` (a PEM file of trusted roots) is given, with
     `authorization: Bearer <token>` on every call when `token` is."""
-    limit = max_message_mb * 1024 * 1024
-    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit), *options]
+    options = channel_options(max_message_mb, options)
     if not tls_ca:
         if token:
             # gRPC refuses call credentials on insecure channels; send the header from an interceptor.
             return grpc.intercept_channel(grpc.insecure_channel(target, options), _HeaderInterceptor(token))
         return grpc.insecure_channel(target, options)
+    return grpc.secure_channel(target, tls_credentials(tls_ca, client_cert, client_key, token), options)
+
+
+def channel_options(max_message_mb: int, options: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
+    """The message size limits, then `options`: the same for blocking and grpc.aio channels."""
+    limit = max_message_mb * 1024 * 1024
+    return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit), *options]
+
+
+def tls_credentials(tls_ca: str, client_cert: str = "", client_key: str = "",
+                    token: str = "") -> grpc.ChannelCredentials:
+    """TLS trusting `tls_ca`, mutual with a client certificate when given, and the bearer token as call
+    credentials when given (gRPC allows call credentials over TLS only)."""
     credentials = grpc.ssl_channel_credentials(
         root_certificates=Path(tls_ca).read_bytes(),
         private_key=Path(client_key).read_bytes() if client_key else None,
@@ -36,7 +48,7 @@ def make_channel(target: str, *, token: str = "", tls_ca: str = "", client_cert:
     if token:
         credentials = grpc.composite_channel_credentials(
             credentials, grpc.metadata_call_credentials(_BearerToken(token)))
-    return grpc.secure_channel(target, credentials, options)
+    return credentials
 
 
 class _HeaderInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
