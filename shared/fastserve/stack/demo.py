@@ -172,10 +172,12 @@ def _pipeline(config: Config, plan: DemoPlan) -> dict:
             backend=ipb.BACKEND_ONNXRUNTIME if report.promoted else ipb.BACKEND_PYTORCH,
             batching=ipb.BatchingConfig(enabled=True))), timeout=300)
         figures["samples"] = []
-        for prompt in SAMPLE_PROMPTS:
+        figures["sample_tokens"] = []
+        for seed, prompt in enumerate(SAMPLE_PROMPTS):
             reply = inf.Generate(ipb.GenerateRequest(model="stdlib-gpt", text=prompt, sampling=ipb.SamplingParams(
-                max_new_tokens=24, temperature=0.8, top_k=40, seed=0)), timeout=60)
+                max_new_tokens=24, temperature=0.8, top_k=40, seed=seed)), timeout=60)
             figures["samples"].append(prompt + reply.text)
+            figures["sample_tokens"].append(reply.usage.completion_tokens)
             summary.add(f"generate: {(prompt + reply.text).splitlines()[0][:100]!r}")
         labels = inf.Classify(ipb.ClassifyRequest(model="stdlib-topic", texts=SAMPLE_DOCS), timeout=60).results
         figures["labels"] = [r.label for r in labels]

@@ -1,18 +1,21 @@
 """The model runner: executes one scheduled step (step.py) on the model's device and samples.
 
 It owns everything that is a tensor: the KV cache and the host copies of evicted caches, the
-decoder, and each running sequence's sampler (its random generator) with the tokens it has seen.
-A step's copies run first (offloads before the restores and encodes that may reuse those slots),
-then all its tokens, decode tokens and prefill chunks of many sequences, as one packed forward pass
-in which attention reads each sequence's own slot (attention.py). It decides nothing: which
-sequences, slots and copies is the scheduler's, so another runner (say one replaying CUDA graphs over
-device-resident inputs) can take its place behind the same `execute`.
+decoder, and the running sequences' sampling state (sampling.py's `BatchSampler`: a row of device
+tensors each, its parameters, seed, length and token counts). A step's copies run first (offloads
+before the restores and encodes that may reuse those slots), then all its tokens, decode tokens and
+prefill chunks of many sequences, as one packed forward pass in which attention reads each sequence's
+own slot (attention.py), then one batched sampling of the rows that end their pending tokens, read
+back to the host once. It decides nothing: which sequences, slots and copies is the scheduler's, so
+another runner (say one replaying CUDA graphs over device-resident inputs) can take its place behind
+the same `execute`.
 
-A failure that belongs to one sequence fails that sequence alone (`RunnerOutput.failed`): its sampler
-or encoder pass, its row of sampling (sampling.py). A failed packed forward pass cannot say which
-sequence broke it, so each of its sequences runs again alone (positions are rewritten in place, so a
-rerun is idempotent; nothing was sampled yet); those that fail alone fail, the others go on. Only a
-failure outside these (a KV copy between device and host) leaves `execute` and fails the engine's step.
+A failure that belongs to one sequence fails that sequence alone (`RunnerOutput.failed`): its sampling
+parameters or encoder pass, its row of sampling, its response format's state. A failed packed forward
+pass cannot say which sequence broke it, so each of its sequences runs again alone (positions are
+rewritten in place, so a rerun is idempotent; the sampler changes its state only once its results are
+read back, the last thing a pass does); those that fail alone fail, the others go on. Only a failure
+outside these (a KV copy between device and host) leaves `execute` and fails the engine's step.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from fastserve.runtime.errors import InvalidArgument
 from fastserve.services.inference.attention import CALL_COST, step_attention, step_cross_attention
 from fastserve.services.inference.decoder import Decoder
 from fastserve.services.inference.kv_cache import KVCache, slot_bytes
-from fastserve.services.inference.sampling import Sampler, SamplingError, choose_tokens, constrain, token_logprobs
+from fastserve.services.inference.sampling import BatchSampler, FormatMasks, Sampled
 from fastserve.services.inference.step import RunnerOutput, ScheduledSequence, SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -36,10 +39,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class _Running:
-    sampler: Sampler
-    tokens: list[int]  # its start and every token sampled since: what a repetition penalty has seen
     source: list[int] | None
-    prompt_length: int  # its start's: the tokens after it are those presence and frequency penalties count
     constraint: Any = None  # its response format's state (structured_output.Constraint), if it has one
 
 
@@ -66,6 +66,8 @@ class ModelRunner:
                              source=source)
         self.call_cost = CALL_COST.get(decoder.device.type, CALL_COST["cuda"])
         self.running: dict[int, _Running] = {}
+        self.sampler = BatchSampler(decoder.vocab_size, decoder.device)
+        self.formats = FormatMasks(decoder.device)
         self.host: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # evicted caches, by sequence
 
     @torch.inference_mode()
@@ -81,12 +83,14 @@ class ModelRunner:
         for seq_id in step.finished_ids:
             self.running.pop(seq_id, None)
             self.host.pop(seq_id, None)
+            self.sampler.remove(seq_id)
         for new in step.new_sequences:
             try:
                 grammar = new.params.grammar
-                self.running[new.seq_id] = _Running(Sampler(new.params), list(new.token_ids), new.source,
-                                                    len(new.token_ids), grammar.constraint() if grammar else None)
-            except (RuntimeError, ValueError, OverflowError):  # torch refused its seed
+                self.sampler.add(new.seq_id, new.params, new.token_ids)
+                self.running[new.seq_id] = _Running(new.source, grammar.constraint() if grammar else None)
+            except (RuntimeError, ValueError, OverflowError):  # a value the sampler's tables cannot hold
+                self.sampler.remove(new.seq_id)
                 log.warning("sequence %d cannot sample", new.seq_id, exc_info=True)
                 failed[new.seq_id] = "its sampling parameters cannot be used"
         for op in step.offloads:
@@ -107,7 +111,7 @@ class ModelRunner:
     def _run_isolating(self, sequences: list[ScheduledSequence], out: RunnerOutput) -> None:
         """`_run`, and on failure each sequence again alone, so that only those that fail alone fail."""
         try:
-            self._run(sequences, out)
+            sampled = self._run(sequences)
         except Exception as exc:  # noqa: BLE001 - which sequence broke the pass is unknown
             if len(sequences) == 1:
                 log.exception("the forward pass of sequence %d failed", sequences[0].seq_id)
@@ -117,10 +121,13 @@ class ModelRunner:
                         type(exc).__name__)
             for s in sequences:
                 self._run_isolating([s], out)
+            return
+        for seq_id, result in sampled:
+            self._take(seq_id, result, out)
 
-    def _run(self, sequences: list[ScheduledSequence], out: RunnerOutput) -> None:
-        """One packed forward pass; adds to `out` the next token of each sequence whose pending tokens all
-        ran, or its sampling error. Adds nothing when it raises."""
+    def _run(self, sequences: list[ScheduledSequence]) -> list[tuple[int, Sampled]]:
+        """One packed forward pass and the sampling of each sequence whose pending tokens all ran; its
+        last step is the read back of what was sampled, so a pass that raises has changed no state."""
         device = self.decoder.device
         ids, positions, slots = [], [], []
         decode_rows, decode_slots, decode_lengths, prefills, last_rows, sampled = [], [], [], [], [], []
@@ -145,34 +152,33 @@ class ModelRunner:
         cross = step_cross_attention(self.decoder, self.cache, slots_t, decode_rows, prefills)
         hidden = self.decoder.forward(ids_t, pos_t, attend, cross)
         if not sampled:
-            return
+            return []
         logits = self.decoder.logits(hidden[as_tensor(last_rows)])
-        sampling = [self.running[seq_id] for seq_id in sampled]
-        formatted = [j for j, r in enumerate(sampling) if r.constraint is not None]
-        allowed, blocked = (constrain(logits, formatted, [sampling[j].constraint for j in formatted]) if formatted
-                            else (logits, set()))
-        tokens = choose_tokens(allowed, [r.sampler for r in sampling], [r.tokens for r in sampling],
-                               [r.prompt_length for r in sampling])
-        for j in blocked:
-            tokens[j] = SamplingError("the response format allows no token here")
-        # Logprobs from the raw logits, for the rows that ask alone.
-        asking = [j for j, (r, token) in enumerate(zip(sampling, tokens, strict=True))
-                  if r.sampler.params.logprobs and not isinstance(token, SamplingError)]
-        measured = dict(zip(asking, token_logprobs(logits, asking, [tokens[j] for j in asking],
-                                                   [sampling[j].sampler.params.top_logprobs for j in asking]),
-                            strict=True)) if asking else {}
-        for j, (seq_id, r, token) in enumerate(zip(sampled, sampling, tokens, strict=True)):
-            if isinstance(token, SamplingError):
-                out.failed[seq_id] = str(token)
-                continue
-            if r.constraint is not None and not self._advance(r.constraint, token):
-                out.failed[seq_id] = "the sampled token does not fit the response format"
-                continue
-            r.tokens.append(token)
-            out.seq_ids.append(seq_id)
-            out.sampled_token_ids.append([token])
-            if j in measured:
-                out.logprobs[seq_id] = [measured[j]]
+        constraints = [self.running[seq_id].constraint for seq_id in sampled]
+        formatted = [j for j, c in enumerate(constraints) if c is not None]
+        allowed, blocked = (self.formats.apply(logits, formatted, [constraints[j] for j in formatted]) if formatted
+                            else (logits, None))
+        # Logprobs are of the raw logits: the model's distribution, whatever the format allows.
+        return list(zip(sampled, self.sampler.sample(allowed, sampled, raw=logits, blocked=blocked), strict=True))
+
+    def _take(self, seq_id: int, result: Sampled, out: RunnerOutput) -> None:
+        if result.error is not None:
+            out.failed[seq_id] = result.error
+            return
+        constraint = self.running[seq_id].constraint
+        try:
+            fits = constraint is None or self._advance(constraint, result.token)
+        except Exception as exc:  # noqa: BLE001 - its own format's state broke; the batch's others are untouched
+            log.exception("the response format of sequence %d failed", seq_id)
+            out.failed[seq_id] = f"the response format failed ({type(exc).__name__})"
+            return
+        if not fits:
+            out.failed[seq_id] = "the sampled token does not fit the response format"
+            return
+        out.seq_ids.append(seq_id)
+        out.sampled_token_ids.append([result.token])
+        if result.logprob is not None:
+            out.logprobs[seq_id] = [result.logprob]
 
     @staticmethod
     def _advance(constraint, token: int) -> bool:
