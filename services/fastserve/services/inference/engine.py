@@ -68,6 +68,9 @@ class Engine:
         self.cond = threading.Condition()
         self.accepting = True
         self.stats = StepStats()
+        # On a GPU kernels are asynchronous and there is no OpenMP team to share: the engine steps on its own
+        # thread, so an encoder batch queued on the compute thread never delays a decode step.
+        self.own_thread = decoder.device.type != "cpu"
         self.thread = threading.Thread(target=self._loop, daemon=True, name=f"engine-{name}")
         self.thread.start()
 
@@ -121,9 +124,12 @@ class Engine:
                     self.scheduler.add(seq)
                 self.incoming.clear()
             try:
-                # The whole step, scheduling included, is one hand-off to the compute thread (where the runner's
-                # torch work must run): as before the split, and measured no slower than handing off the runner alone.
-                on_compute_thread(self.step)
+                if self.own_thread:
+                    self.step()
+                else:
+                    # On CPU the whole step, scheduling included, is one hand-off to the compute thread (one
+                    # OpenMP team: compute.py), measured no slower than handing off the runner alone.
+                    on_compute_thread(self.step)
             except Exception as exc:  # noqa: BLE001 - the last resort (see the module docstring); serve on
                 log.exception("generation step failed in %s", self.name)
                 self.outputs.publish(self.scheduler.abort(f"the generation step failed ({type(exc).__name__})"))
