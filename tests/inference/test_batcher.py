@@ -136,3 +136,29 @@ def test_work_both_cancelled_and_expired_does_not_stop_the_worker():
     run.gate.set()
     assert b.submit("after", 1, 1).result(5) == "done:after"
     b.drain()
+
+
+def test_a_bad_request_in_a_batch_fails_alone():
+    """The batch fails as a whole (one payload is poison); each request then runs on its own, so only the
+    bad one's caller gets the error, the others their results, and the statistics count the good ones."""
+    observed = []
+
+    def run(payloads):
+        if "bad" in payloads:
+            raise ValueError("cannot run bad")
+        return [f"done:{p}" for p in payloads]
+
+    gate = threading.Event()
+    b = DynamicBatcher("test", lambda payloads: (gate.wait(5), run(payloads))[1],
+                       BatchingSettings(max_batch_size=8, max_queue_delay_us=20000),
+                       observe=lambda batch, seconds: observed.append([w.payload for w in batch]))
+    blocker = b.submit("blocker", 1, 1)
+    time.sleep(0.05)  # the worker holds the blocker; the next three queue together
+    futures = {name: b.submit(name, 1, 1) for name in ("a", "bad", "b")}
+    gate.set()
+    assert blocker.result(5) == "done:blocker"
+    assert futures["a"].result(5) == "done:a" and futures["b"].result(5) == "done:b"
+    with pytest.raises(ValueError, match="cannot run bad"):
+        futures["bad"].result(5)
+    assert observed[-1] == ["a", "b"]
+    b.drain()

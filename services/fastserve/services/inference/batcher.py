@@ -4,7 +4,8 @@ Each request is one future. A worker takes the highest-priority, oldest request,
 while the batch is not full and requests keep arriving (at most `max_queue_delay`), fills it with the
 queued requests whose token length is closest (less padding), drops work whose caller gave up
 (cancelled or past its deadline) before computing, and checks that a batch returns one result per
-input. A full queue refuses at once, so overload shows as RESOURCE_EXHAUSTED, not unbounded latency.
+input. A batch that fails runs its requests again one by one, so a bad one fails its caller alone. A
+full queue refuses at once, so overload shows as RESOURCE_EXHAUSTED, not unbounded latency.
 """
 
 from __future__ import annotations
@@ -150,18 +151,38 @@ class DynamicBatcher:
             return
         start = time.perf_counter()
         try:
-            results = self.run([w.payload for w in live])
-            if len(results) != len(live):
-                raise RuntimeError(f"batch of {len(live)} returned {len(results)} results")
-        except Exception as exc:  # noqa: BLE001 - every waiting caller gets the error; the worker lives on
-            log.exception("batch of %d failed in %s", len(live), self.name)
+            results = self._run(live)
+        except Exception as exc:  # noqa: BLE001 - the callers get the error; the worker lives on
+            if len(live) == 1:
+                log.exception("a request failed in %s", self.name)
+                live[0].future.set_exception(exc)
+                return
+            # One bad request must not fail the others it was batched with: each runs again on its own.
+            log.warning("batch of %d failed in %s (%s): running its requests one by one", len(live), self.name,
+                        exc)
+            done = []
             for work in live:
-                work.future.set_exception(exc)
+                try:
+                    (result,) = self._run([work])
+                except Exception as alone:  # noqa: BLE001 - this caller's error alone
+                    log.exception("a request failed in %s", self.name)
+                    work.future.set_exception(alone)
+                else:
+                    work.future.set_result(result)
+                    done.append(work)
+            if done:
+                self.observe(done, time.perf_counter() - start)
             return
         seconds = time.perf_counter() - start
         for work, result in zip(live, results, strict=True):
             work.future.set_result(result)
         self.observe(live, seconds)
+
+    def _run(self, batch: list[Work]) -> Sequence[Any]:
+        results = self.run([w.payload for w in batch])
+        if len(results) != len(batch):
+            raise RuntimeError(f"batch of {len(batch)} returned {len(results)} results")
+        return results
 
     def drain(self, timeout: float = 60.0) -> None:
         """Stop accepting, finish what is queued or running, then stop the workers."""
