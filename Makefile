@@ -59,6 +59,11 @@ demo: setup
 chaos: setup
 	$(BIN)/python -m bench.chaos
 
+# The generation benchmark with its CPU peers (vLLM CPU, CTranslate2), each installed the first time into a
+# venv of its own under ~/.cache/fastserve-bench/peers (bench/peers.py); never part of `test`.
+bench-generation-peers: setup
+	BENCH_PEERS=1 $(BIN)/python -m bench.generation
+
 # `make bench-<name>` runs bench/<name>.py, which prints its RESULT lines.
 bench-%: setup
 	$(BIN)/python -m bench.$*

@@ -1,7 +1,7 @@
 """The generation scheduler without a model: made-up runner outputs (one token per sampling sequence)
 drive it through chunked prefill, preemption, eviction to host memory and to recomputation, MLFQ
-demotion, promotion and the oldest's place, cancellation, deadlines and the queue cap; each test
-asserts what the steps it returns contain. A fake clock stands in for time."""
+demotion, skip-join, overdue sequences and the places kept for them, cancellation, deadlines and the
+queue cap; each test asserts what the steps it returns contain. A fake clock stands in for time."""
 
 from __future__ import annotations
 
@@ -144,19 +144,21 @@ def test_mlfq_demotes_a_sequence_that_used_its_quantum_and_a_new_one_overtakes_i
     assert [rows(cycle(sched)[0])[0][0] for _ in range(3)] == [b.order, a.order, a.order]  # b at level 1 too: a first
 
 
-def test_a_starving_sequence_is_promoted_after_its_wait_bound():
-    sched = scheduler(policy="mlfq", max_batch_size=1, mlfq=MlfqSettings(base_quantum=1, starvation_ms=100))
-    a = add(sched, 2)
+def test_a_starving_sequence_becomes_overdue_and_runs_to_its_end_ahead_of_newer_short_jobs():
+    # Two places: one (half the batch) kept for overdue sequences; oldest_places 0 keeps none for age alone.
+    sched = scheduler(policy="mlfq", max_batch_size=2, kv_slots=8,
+                      mlfq=MlfqSettings(base_quantum=1, starvation_ms=100, oldest_places=0))
+    a = add(sched, 2, n=20)
     cycle(sched)
     assert a.level == 1
     ran = []
-    for _ in range(6):  # a short job every 30 ms, each done in one step: a waits at level 1
+    for _ in range(12):  # two short jobs every 30 ms, each done in one step: a waits at level 1
         sched.clock.now += 0.03
-        add(sched, 2, n=1)
-        ran.append(rows(cycle(sched)[0])[0][0] == a.order)
-    # Waited 30, 60, 90, 120 ms after steps 1-4: promoted in step 5, it runs first among the level-0
-    # sequences (the oldest), and its one-token top quantum sends it down again.
-    assert ran == [False, False, False, False, True, False] and a.level == 1
+        add(sched, 2, n=1), add(sched, 2, n=1)
+        ran.append(a.order in [row[0] for row in rows(cycle(sched)[0])])
+    # Left out of steps 30, 60, 90, 120 ms after steps 1-4: overdue from step 5 on, it takes the place kept
+    # for the overdue every step although its level stays low and newer top-level jobs keep coming.
+    assert ran == [False] * 4 + [True] * 8 and a.level > 1 and sched.metrics.promotions._value.get() == 1
 
 
 def test_with_a_full_batch_the_oldest_sequence_keeps_its_place_whatever_its_level():
@@ -249,7 +251,9 @@ def test_mlfq_levels_skip_join_demotion_and_promotion():
     assert [policy.account(short, 1) for _ in range(4)] == [False, False, False, True] and short.level == 1
     assert policy.key(short) < policy.key(medium)  # the same level now: the earlier arrival first
     huge.waited = 0.2
-    assert policy.promote([short, medium, huge]) == 1 and huge.level == 0 and huge.waited == 0
+    assert policy.promote([short, medium, huge]) == 1 and policy.overdue == {huge.order}
+    assert policy.promote([short, medium, huge]) == 0  # overdue once, until it ends
+    assert policy.promote([short, medium]) == 0 and policy.overdue == set()  # it ended: forgotten
 
 
 def test_mlfq_order_puts_the_oldest_first_only_when_the_batch_is_full():
@@ -263,6 +267,32 @@ def test_mlfq_order_puts_the_oldest_first_only_when_the_batch_is_full():
     assert policy.order(seqs, batch_size=4) == [seqs[1], seqs[2], seqs[3], seqs[0]]  # all run anyway
     assert policy.order(seqs, batch_size=2) == [seqs[0], seqs[1], seqs[2], seqs[3]]
     assert policy.order(seqs, batch_size=1) == [seqs[1], seqs[2], seqs[3], seqs[0]]  # never the only place
+
+
+def test_overdue_sequences_run_oldest_first_in_at_most_half_of_the_batch():
+    policy = Mlfq(MlfqSettings(base_quantum=4, oldest_places=1, starvation_ms=100))
+    seqs = []
+    for order in range(10):
+        s = Sequence([1, 2, 3], SamplingParams(), 0, None, order=order)
+        policy.enter(s)
+        s.level = 4 if order < 6 else 0  # six old demoted sequences, four new ones at the top level
+        s.waited = 1.0 if order in (1, 2, 4, 5) else 0.0
+        seqs.append(s)
+    assert policy.promote(seqs) == 4
+    # Batch 6: three places for the oldest (0) and the overdue (1, 2; 4 and 5 must wait), three by level.
+    assert [s.order for s in policy.order(seqs, batch_size=6)][:6] == [0, 1, 2, 6, 7, 8]
+    # Batch 8: four kept places, so 4 gets one; 5 waits behind the four top-level sequences.
+    assert [s.order for s in policy.order(seqs, batch_size=8)][:8] == [0, 1, 2, 4, 6, 7, 8, 9]
+
+
+def test_skip_join_a_long_prompt_starts_at_a_lower_level_and_a_later_short_one_runs_first():
+    sched = scheduler(policy="mlfq", max_batch_size=1, max_prefill_tokens=4096,
+                      mlfq=MlfqSettings(base_quantum=8, prompt_tokens_per_step=32, oldest_places=0))
+    long_prompt, short_prompt = add(sched, 300, n=4), add(sched, 4, n=4)
+    # 300 prompt tokens cost about 10 decode steps: past the 8-token quantum of level 0, within level 1's 16.
+    assert (long_prompt.level, short_prompt.level) == (1, 0)
+    order = [rows(cycle(sched)[0])[0][0] for _ in range(8)]
+    assert order == [short_prompt.order] * 4 + [long_prompt.order] * 4
 
 
 def group(sched: Scheduler, prompt: int, n: int, new_tokens: int = 100, source: list[int] | None = None,

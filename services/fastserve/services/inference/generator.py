@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fastserve.models.kinds import DECODER, SEQ2SEQ, model_kind
-from fastserve.models.loading import load_model, pick_device, torch_dtype
+from fastserve.models.loading import AUTO, load_model, pick_device, torch_dtype
 from fastserve.models.tokenizers import load_tokenizer
 from fastserve.runtime.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from fastserve.services.inference.chat import Chat, open_chat_template
@@ -89,7 +89,8 @@ class Generator:
     def __init__(self, name: str, folder: Path, dtype: str, settings: GenerationSettings,
                  max_kv_bytes: float = math.inf) -> None:
         device = pick_device()
-        model_dtype = torch_dtype(dtype, device)
+        # No dtype named: bf16 where the hardware has it, else fp32 (loading.auto_dtype); a name forces it.
+        model_dtype = torch_dtype(dtype or AUTO, device)
         settings.check()
         # Anything asked to generate that is not an encoder-decoder is run as a causal LM.
         kind = SEQ2SEQ if model_kind(folder) == SEQ2SEQ else DECODER

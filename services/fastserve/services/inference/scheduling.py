@@ -6,16 +6,21 @@ A policy only orders sequences; the scheduler (scheduler.py) takes the first one
 granularity.
 
 MLFQ: level i has a quantum of `base_quantum * 2**i` generated tokens. A new sequence skips the
-levels whose quantum is shorter than its prompt's cost (a long prompt would use up a short quantum
-in its prefill alone), a sequence that uses up its quantum drops one level, and one that has waited
-`starvation_ms` in all (left out of steps) since it entered its level goes back to the top level, so
-long jobs are delayed by short ones but never starved.
+levels whose quantum is shorter than its prompt's cost (skip-join: a long prompt would use up a short
+quantum in its prefill alone), and a sequence that uses up its quantum drops one level. Short jobs thus
+finish ahead of long ones, which is what lowers the mean completion time against FCFS.
 
-Promotion alone still lets a long job lose most steps to a stream of short ones, so its completion
-time can far exceed what it would be under FCFS. MLFQ therefore keeps `oldest_places` places of every
-step (at most all but one) for the oldest sequences, whatever their level: once a sequence is the
-oldest in the engine it runs every step to its end, which keeps the tail of completion times near
-FCFS's while the other places still go to the short jobs first (bench/generation.py measures both).
+The price is the tail: a long job at a low level loses every step a shorter one wants, so with a steady
+stream of short jobs its completion time grows far beyond FCFS's (where nothing overtakes it), and the
+longest jobs are the p99. Sending a starved job back to the top level (the paper's promotion) does not
+help it: its first quantum there demotes it again within a few tokens. So a sequence that has been left
+out of steps for `starvation_ms` in all since it arrived is *overdue*, and stays so until it ends:
+overdue sequences run first, oldest first (FCFS among them), in places kept for them. Those places
+are bounded, at most half of the batch (and at least `oldest_places`, which the oldest sequences get
+whether overdue or not), so short jobs always keep the other half and MLFQ's gain on the mean
+survives a backlog of starved jobs; a job overdue past those places waits for the older overdue ones,
+as it would under FCFS.
+bench/jct.py measures both against FCFS.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ class Schedulable(Protocol):
     prompt_tokens: int
     level: int
     quantum_used: int
-    waited: float  # seconds spent waiting (not in a step) since it entered its level
+    waited: float  # seconds spent waiting (not in a step) since it arrived
 
 
 @dataclass(frozen=True)
@@ -41,8 +46,8 @@ class MlfqSettings:
     levels: int = 6
     base_quantum: int = 8  # generated tokens at the top level
     prompt_tokens_per_step: int = 32  # prompt tokens that cost about one decode step, for skip-join
-    starvation_ms: int = 5000
-    oldest_places: int = 1  # places of each step kept for the oldest sequences
+    starvation_ms: int = 5000  # time left out of steps after which a sequence is overdue
+    oldest_places: int = 1  # places of each step kept for the oldest sequences, overdue or not
 
     def quantum(self, level: int) -> int:
         return self.base_quantum * 2 ** level
@@ -73,6 +78,7 @@ class Mlfq:
 
     def __init__(self, settings: MlfqSettings) -> None:
         self.settings = settings
+        self.overdue: set[int] = set()  # orders of the overdue sequences still active
 
     def enter(self, seq: Schedulable) -> None:
         cost = math.ceil(seq.prompt_tokens / self.settings.prompt_tokens_per_step)
@@ -83,15 +89,23 @@ class Mlfq:
     def key(self, seq: Schedulable) -> tuple:
         return (seq.level, -seq.priority, seq.order)
 
+    def reserved(self, batch_size: int) -> int:
+        """How many places of a step the oldest and overdue sequences may take: never the whole step,
+        never more than half of it unless `oldest_places` says more."""
+        return min(batch_size - 1, max(self.settings.oldest_places, batch_size // 2))
+
     def order(self, seqs: list, batch_size: int) -> list:
-        """The sequences from the first to run to the last: the oldest few, then by level."""
+        """The sequences from the first to run to the last: the oldest few and the overdue ones, in arrival
+        order, up to the reserved places; then the rest by level."""
         ranked = sorted(seqs, key=self.key)
-        places = min(self.settings.oldest_places, batch_size - 1)
+        places = self.reserved(batch_size)
         if places <= 0 or len(ranked) <= batch_size:
             return ranked
-        oldest = sorted(seqs, key=lambda seq: seq.order)[:places]
-        kept = {id(seq) for seq in oldest}
-        return oldest + [seq for seq in ranked if id(seq) not in kept]
+        by_age = sorted(seqs, key=lambda seq: seq.order)
+        first = [seq for i, seq in enumerate(by_age)
+                 if i < self.settings.oldest_places or seq.order in self.overdue][:places]
+        kept = {id(seq) for seq in first}
+        return first + [seq for seq in ranked if id(seq) not in kept]
 
     def account(self, seq: Schedulable, tokens: int) -> bool:
         """Charge generated tokens to the sequence's quantum; True when that demoted it."""
@@ -99,18 +113,18 @@ class Mlfq:
         if seq.quantum_used < self.settings.quantum(seq.level) or seq.level == self.settings.levels - 1:
             return False
         seq.level += 1
-        seq.quantum_used, seq.waited = 0, 0.0
+        seq.quantum_used = 0
         return True
 
     def promote(self, seqs: list) -> int:
-        """Move sequences that have waited past the starvation bound to the top level."""
+        """Mark the sequences whose time left out of steps passed the starvation bound as overdue (and forget
+        those that ended); how many became overdue now."""
         bound = self.settings.starvation_ms / 1e3
-        promoted = 0
-        for seq in seqs:
-            if seq.level > 0 and seq.waited > bound:
-                seq.level, seq.quantum_used, seq.waited = 0, 0, 0.0
-                promoted += 1
-        return promoted
+        active = {seq.order for seq in seqs}
+        self.overdue &= active
+        new = {seq.order for seq in seqs if seq.waited > bound} - self.overdue
+        self.overdue |= new
+        return len(new)
 
 
 def make_policy(name: str, mlfq: MlfqSettings) -> Fcfs | Mlfq:

@@ -43,7 +43,7 @@ class Sequence:
     on_host: bool = False  # evicted with its cache copied to host memory (the runner holds the copy)
     level: int = 0
     quantum_used: int = 0
-    waited: float = 0.0  # seconds left out of steps since it entered its MLFQ level
+    waited: float = 0.0  # seconds left out of steps since it arrived (MLFQ: overdue past a bound)
     started: float | None = None  # first scheduled: from here on the runner knows it
     first_token: float | None = None
     last_token: float = 0.0
