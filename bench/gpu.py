@@ -25,17 +25,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.report import result_line
+from bench.report import result_line, spread
 
 BATCHES = (1, 64, 256)
 PROMPT, NEW = 32, 128
 REPEATS = int(os.environ.get("BENCH_GPU_REPEATS", "3"))
-
-
-def build(folder: Path) -> Path:
-    from tests.support.tiny_models import build_causal_lm
-    return build_causal_lm(folder, hidden=768, layers=12, heads=12, vocab=50257, positions=1024, train_steps=0,
-                           documents=3000, eos=False)
 
 
 def prompts(batch: int, vocab: int, seed: int) -> list[list[int]]:
@@ -44,14 +38,10 @@ def prompts(batch: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 def engine_rate(generator, batch: int, vocab: int, seed: int) -> float:
-    from fastserve.services.inference.generator import GenerationRequest
-    from fastserve.services.inference.sampling_params import SamplingParams
-    params = SamplingParams(max_new_tokens=NEW)
+    from bench.generation import engine_tokens
     torch.cuda.synchronize()
     start = time.perf_counter()
-    groups = [generator.submit(GenerationRequest(token_ids=p, params=params, max_new_tokens_set=True))
-              for p in prompts(batch, vocab, seed)]
-    tokens = sum(generator.complete(seqs, None)[1].completion_tokens for seqs in groups)
+    tokens = engine_tokens(generator, [(p, NEW) for p in prompts(batch, vocab, seed)])
     return tokens / (time.perf_counter() - start)
 
 
@@ -113,21 +103,18 @@ def graph_rate(batch: int, vocab: int) -> float:
     return batch * NEW / (time.perf_counter() - start)
 
 
-def spread(values: list[float]) -> str:
-    return f"median {statistics.median(values):.0f} (min {min(values):.0f}, max {max(values):.0f}, n={len(values)})"
-
-
 def main() -> None:
     if not torch.cuda.is_available():
         print("bench-gpu: no CUDA device on this machine; nothing measured (run it where torch sees a GPU)")
         return
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    from bench.generation import SHAPES, publish_shape
     from fastserve.services.inference.generation_settings import MAX_PREFILL_TOKENS, GenerationSettings
     from fastserve.services.inference.generator import Generator
 
-    folder = build(Path(tempfile.mkdtemp(prefix="bench-gpu-")))
-    vocab = AutoConfig.from_pretrained(str(folder)).vocab_size
+    shape = SHAPES["gpt2-small"]
+    folder, vocab = publish_shape(Path(tempfile.mkdtemp(prefix="bench-gpu-")), shape), shape.vocab
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).to("cuda").eval()
     print(f"device {torch.cuda.get_device_name(0)}; GPT-2-small shape, vocab {vocab}, bf16; prompt {PROMPT}, "
           f"{NEW} new tokens, greedy")
@@ -143,7 +130,8 @@ def main() -> None:
         generate_rate(model, min(batch, 8), vocab, seed=99)
         theirs = [generate_rate(model, batch, vocab, seed) for seed in range(REPEATS)]
         graph = [graph_rate(batch, vocab) for _ in range(REPEATS)]
-        print(f"batch {batch}: engine {spread(ours)}; generate() {spread(theirs)}; graph loop {spread(graph)} tokens/s")
+        print(f"batch {batch}: engine {spread(ours, 0)}; generate() {spread(theirs, 0)}; graph loop "
+              f"{spread(graph, 0)} tokens/s")
         print(result_line(f"gpu-engine-vs-generate-b{batch}", statistics.median(ours), statistics.median(theirs),
                           "tokens/s"))
         print(result_line(f"gpu-engine-vs-graph-loop-b{batch}", statistics.median(ours), statistics.median(graph),

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from bench.report import result_line
+from bench.report import median_item, result_line, spread
 from fastserve.inference.v1 import inference_pb2 as pb
 from fastserve.inference.v1 import inference_pb2_grpc
 from fastserve.models.refs import BUILTIN_MODELS
@@ -110,10 +109,6 @@ class InProcess:
         return best, figures[best], figures
 
 
-def spread(values: list[float]) -> str:
-    return f"median {statistics.median(values):.3f}, min {min(values):.3f}, max {max(values):.3f}"
-
-
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-inf-"))
     server = start_inference(work / "home", work / "inference.log", **{"FASTSERVE_LOG_LEVEL": "WARNING", **SERVER_ENV})
@@ -152,14 +147,14 @@ def main() -> None:
     print(f"served mean batch {stats.inference_count / stats.batch_count:.1f} over all rounds")
     efficiency = [r["batched"] / r["best"] for r in rounds]
     gain = [r["batched"] / r["unbatched"] for r in rounds]
-    print(f"efficiency per round: {spread(efficiency)}; batching gain per round: {spread(gain)}")
-    # The median round (the lower of the two middle ones) carries the figures of the RESULT line.
-    mid = sorted(rounds, key=lambda r: r["batched"] / r["best"])[(len(rounds) - 1) // 2]
+    print(f"efficiency per round: {spread(efficiency, 3)}; batching gain per round: {spread(gain, 3)}")
+    # The median round carries the figures of the RESULT line.
+    mid = median_item(rounds, lambda r: r["batched"] / r["best"])
     print(result_line("encoder-serving-efficiency", mid["batched"], mid["best"], "sentences/s") +
-          f"  (reference: in-process batch {mid['best_batch']}; rounds {spread(efficiency)})")
-    mid = sorted(rounds, key=lambda r: r["batched"] / r["unbatched"])[(len(rounds) - 1) // 2]
+          f"  (reference: in-process batch {mid['best_batch']}; rounds {spread(efficiency, 3)})")
+    mid = median_item(rounds, lambda r: r["batched"] / r["unbatched"])
     print(result_line("encoder-batching-gain", mid["batched"], mid["unbatched"], "sentences/s") +
-          f"  (rounds {spread(gain)})")
+          f"  (rounds {spread(gain, 3)})")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import grpc
 import numpy as np
 
 from bench.generation import MODEL_URI, closed_burst, publish_model, request
-from bench.report import result_line
+from bench.report import median_item, result_line, spread
 from fastserve.inference.v1 import inference_pb2 as pb
 from fastserve.inference.v1 import inference_pb2_grpc
 from tests.support.processes import start_inference
@@ -103,15 +103,6 @@ def capacity(target: str) -> float:
     return tokens / seconds
 
 
-def summary(name: str, values: list[float]) -> str:
-    return f"{name} median {statistics.median(values):.2f} (spread {min(values):.2f}-{max(values):.2f})"
-
-
-def median_run(runs: list[Run], ratio) -> Run:
-    """The run whose ratio is the (lower) median, so its two figures give exactly that ratio."""
-    return sorted(runs, key=ratio)[(len(runs) - 1) // 2]
-
-
 def main() -> None:
     work_dir = Path(tempfile.mkdtemp(prefix="bench-jct-"))
     publish_model(work_dir / "home")
@@ -146,14 +137,14 @@ def main() -> None:
         server.stop()
 
     for load, runs in results.items():
-        print(f"load {load}: " + summary("mean ratio", [r.mean_ratio() for r in runs]) + "; "
-              + summary("p99 ratio", [r.p99_ratio() for r in runs]))
+        print(f"load {load}: mean ratio {spread([r.mean_ratio() for r in runs])}; "
+              f"p99 ratio {spread([r.p99_ratio() for r in runs])}")
     # fastserve = MLFQ, reference = FCFS, of the median seed; lower is better, so the ratio is FCFS / MLFQ.
     for load, runs in results.items():
-        run = median_run(runs, Run.mean_ratio)
+        run = median_item(runs, Run.mean_ratio)
         print(result_line(f"mlfq-mean-jct-load{load}", run.mlfq.mean(), run.fcfs.mean(), "s",
                           higher_is_better=False) + f"  (seed {run.seed} of {len(runs)})")
-        run = median_run(runs, Run.p99_ratio)
+        run = median_item(runs, Run.p99_ratio)
         print(result_line(f"mlfq-p99-jct-load{load}", np.percentile(run.mlfq, 99), np.percentile(run.fcfs, 99),
                           "s", higher_is_better=False) + f"  (seed {run.seed} of {len(runs)})")
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from bench.generation import SHAPES, burst_ids, publish_shape, workload
+from bench.generation import SHAPES, burst_ids, engine_tokens, publish_shape, workload
 from bench.report import result_line
 from fastserve.inference.v1 import inference_pb2 as pb
 from fastserve.inference.v1 import inference_pb2_grpc
@@ -81,28 +81,19 @@ def same(ids: list[list[int]], base: list[list[int]]) -> str:
 def compiled_engine(folder: Path, work) -> dict[str, float]:
     """Tokens/s of the engine in this process, eager and with compiled MLPs (standalone: no runner hook)."""
     from fastserve.services.inference.generation_settings import GenerationSettings
-    from fastserve.services.inference.generator import GenerationRequest, Generator
-    from fastserve.services.inference.sampling_params import SamplingParams
+    from fastserve.services.inference.generator import Generator
 
     out = {}
     for mode in ("eager", "compiled"):
         gen = Generator("m", folder, "", GenerationSettings(max_batch_size=len(work), max_queue_size=4096))
         if mode == "compiled":
-            base = gen.engine.runner.decoder.base if hasattr(gen.engine, "runner") else None
-            if base is None:
-                raise RuntimeError("the engine's runner is not where this experiment looks for it")
+            base = gen.engine.runner.decoder.base
             for block in base.h:
                 block.mlp = torch.compile(block.mlp, dynamic=True)
             base.ln_f = torch.compile(base.ln_f, dynamic=True)
-
-        def run(gen, batch):
-            seqs = [gen.submit(GenerationRequest(token_ids=p, params=SamplingParams(max_new_tokens=n),
-                                                 max_new_tokens_set=True)) for p, n in batch]
-            return sum(len(c.token_ids) for s in seqs for c in gen.complete(s, None)[0])
-
-        run(gen, work[:8])  # warm-up (and compile, for the shapes seen)
+        engine_tokens(gen, work[:8])  # warm-up (and compile, for the shapes seen)
         start = time.perf_counter()
-        tokens = run(gen, work)
+        tokens = engine_tokens(gen, work)
         out[mode] = tokens / (time.perf_counter() - start)
         gen.drain()
     return out

@@ -18,6 +18,7 @@ CTranslate2's converter needs transformers, torch and a tokenizer in the model f
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -122,8 +123,6 @@ def _vllm(folder: str, work: list[tuple[list[int], int]]) -> dict[str, float]:
             del llm
         except Exception as exc:  # noqa: BLE001 - a dtype this build cannot run here: say so, measure the rest
             out[f"vllm_{dtype}_error"] = f"{type(exc).__name__}: {exc}"[:300]
-        import gc
-
         gc.collect()
     return out
 

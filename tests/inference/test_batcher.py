@@ -148,12 +148,17 @@ def test_a_bad_request_in_a_batch_fails_alone():
             raise ValueError("cannot run bad")
         return [f"done:{p}" for p in payloads]
 
-    gate = threading.Event()
-    b = DynamicBatcher("test", lambda payloads: (gate.wait(5), run(payloads))[1],
-                       BatchingSettings(max_batch_size=8, max_queue_delay_us=20000),
+    gate, holding = threading.Event(), threading.Event()
+
+    def gated(payloads):
+        holding.set()
+        assert gate.wait(5), "the test never opened the gate"
+        return run(payloads)
+
+    b = DynamicBatcher("test", gated, BatchingSettings(max_batch_size=8, max_queue_delay_us=20000),
                        observe=lambda batch, seconds: observed.append([w.payload for w in batch]))
     blocker = b.submit("blocker", 1, 1)
-    time.sleep(0.05)  # the worker holds the blocker; the next three queue together
+    assert holding.wait(5), "the worker never took the blocker"  # it does: the next three queue together
     futures = {name: b.submit(name, 1, 1) for name in ("a", "bad", "b")}
     gate.set()
     assert blocker.result(5) == "done:blocker"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import functools
 import time
 from collections.abc import Sequence
 
@@ -161,24 +161,22 @@ FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos
           "cancelled": pb.FINISH_REASON_CANCELLED}
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+@functools.lru_cache(maxsize=64)
+def _embedding_prefix(dimension: int) -> bytes:
+    """What precedes one row's packed floats in an EmbedResponse's wire form, as protobuf writes it: a
+    zero row's message without its 4 * dimension payload bytes."""
+    one = pb.EmbedResponse(embeddings=[pb.Embedding(values=[0.0] * dimension)]).SerializeToString()
+    return one[:len(one) - 4 * dimension]
 
 
 def embed_reply(outputs: np.ndarray, tokens: int) -> pb.EmbedResponse:
-    """The reply parsed (in C) from the array's own bytes, laid out as the wire form of `embeddings`: each
-    row a packed `Embedding.values`. Building it from Python floats instead (384 a row) cost three times as
-    much, on the cores the forward pass needs."""
+    """The reply parsed (in C) from the array's own bytes, each row laid out as protobuf lays out one
+    `Embedding`. Building it from Python floats instead (384 a row) cost three to five times as much, on
+    the cores the forward pass needs."""
     rows = np.ascontiguousarray(outputs, dtype="<f4")
-    count, dimension = rows.shape
-    inner = b"\x0a" + _varint(4 * dimension)  # field 1 (values), length-delimited: packed floats
-    item = b"\x0a" + _varint(len(inner) + 4 * dimension)  # field 1 (embeddings), one Embedding
-    reply = pb.EmbedResponse.FromString(b"".join(item + inner + row.tobytes() for row in rows))
+    dimension = rows.shape[1]
+    prefix = _embedding_prefix(dimension)
+    reply = pb.EmbedResponse.FromString(b"".join(prefix + row.tobytes() for row in rows))
     reply.dimension, reply.prompt_tokens = dimension, tokens
     return reply
 
@@ -295,11 +293,6 @@ def register(server: grpc.Server, stores: Stores) -> Sequence[str]:
     from fastserve.services.inference import registry_servicer
     from fastserve.services.inference.kserve import KServeServicer
 
-    # Tokenizers' own thread pool (rayon) would be one more team of threads wanting the cores the
-    # forward pass's OpenMP team needs; requests already come in parallel, each with a few texts.
-    # Measured on 2 shared cores, 32 clients, rounds of make bench-inference: with it off, served 0.64-0.86
-    # of in-process and unbatched 29-33/s; with it on, 0.54-0.73 and 21-26/s. Set before any tokenizer loads.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     core = Inference(ModelRepository(stores.artifacts, stores.config.inference_max_models,
                                      stores.config.inference_kv_cache_gb * 2**30))
     core.load_configured(stores.config)
