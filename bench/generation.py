@@ -32,6 +32,7 @@ from bench import peers
 from bench.report import result_line
 from fastserve.inference.v1 import inference_pb2 as pb
 from fastserve.inference.v1 import inference_pb2_grpc
+from fastserve.models.loading import auto_dtype
 from fastserve.storage.artifacts import ArtifactStore
 from tests.support.processes import start_inference
 from tests.support.tiny_models import build_causal_lm
@@ -211,7 +212,10 @@ def throughput(shape: Shape, target: str, home: Path) -> None:
     tokens = sum(map(len, ids))
     served = tokens / seconds
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    # The server loads the model in its default dtype (bf16 on a CPU that multiplies it, fp32 elsewhere);
+    # transformers runs in the same dtype, so parity and the static reference compare like with like.
+    dtype = auto_dtype(torch.device("cpu"))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
     parity = greedy_parity(model, work[:PARITY_REQUESTS], ids[:PARITY_REQUESTS])
     static_generate(model, work[:8], 8, torch.device("cpu"))  # warm-up
     static = {b: static_generate(model, work, b, torch.device("cpu")) for b in (16, 32, 64) if b <= shape.requests}
@@ -219,7 +223,8 @@ def throughput(shape: Shape, target: str, home: Path) -> None:
     suffix = "" if shape.name == "gpt2-4x256" else f"-{shape.name}"  # the 4x256 lines keep their old names
     print(f"{shape.name}: GPT-2 {shape.layers}x{shape.hidden}, vocab {shape.vocab}, random weights; "
           f"{shape.requests} requests, outputs 8-{shape.longest}, {tokens} tokens; FastServe {served:.0f} tokens/s "
-          f"(fp32); {parity}; generate() static " + ", ".join(f"batch {b}: {v:.0f}" for b, v in static.items()))
+          f"({str(dtype).removeprefix('torch.')}); {parity}; generate() static "
+          + ", ".join(f"batch {b}: {v:.0f}" for b, v in static.items()))
     print(result_line(f"generation-vs-static{suffix}", served, static[best_batch], "tokens/s")
           + f"  (reference: static batch {best_batch})")
     if shape.name == "gpt2-4x256":
