@@ -8,7 +8,7 @@ SETUP_DONE := $(VENV)/.setup-done
 PROTOS := $(shell find proto -name '*.proto' | sort)
 STUBS_DONE := gen/python/.stubs-done
 
-.PHONY: setup proto test lint up down status demo chaos clean
+.PHONY: setup proto browser test screenshots lint up down status demo chaos clean
 
 setup: $(SETUP_DONE) $(STUBS_DONE)
 
@@ -29,8 +29,23 @@ $(STUBS_DONE): $(SETUP_DONE) $(PROTOS)
 	touch gen/python.tmp/.stubs-done
 	rm -rf gen/python && mv gen/python.tmp gen/python
 
-test: setup
+# tests/ui drive Debian's chromium through Playwright, which never downloads a browser of its own: installed
+# here when missing (with sudo unless root); a failed install fails the target, so those tests never skip.
+CHROMIUM := /usr/bin/chromium
+browser:
+	@if [ ! -x $(CHROMIUM) ]; then \
+		SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		echo "installing Debian's chromium for tests/ui"; \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; \
+	fi
+	@test -x $(CHROMIUM) || { echo "make browser: $(CHROMIUM) is missing and could not be installed" >&2; exit 1; }
+
+test: setup browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The dashboard's screenshots in docs/ui, taken by tests/ui on real jobs, models and artifacts.
+screenshots: setup browser
+	FASTSERVE_SCREENSHOTS=docs/ui $(BIN)/python -m pytest tests/ui $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check shared services clients tests bench

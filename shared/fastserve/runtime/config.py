@@ -84,6 +84,18 @@ class Config:
         "FASTSERVE_INFERENCE_HOST", "",
         "Where the gateway calls the inference service (a container's or Service's name). Empty: "
         "FASTSERVE_HOST, reached on loopback when it is a wildcard.")
+    preprocessing_host: str = _setting(
+        "FASTSERVE_PREPROCESSING_HOST", "",
+        "Where the gateway's dashboard calls the preprocessing service (a container's or Service's name). "
+        "Empty: FASTSERVE_HOST, reached on loopback when it is a wildcard.")
+    training_host: str = _setting(
+        "FASTSERVE_TRAINING_HOST", "",
+        "Where the gateway's dashboard calls the training service. Empty: FASTSERVE_HOST, reached on loopback "
+        "when it is a wildcard.")
+    optimization_host: str = _setting(
+        "FASTSERVE_OPTIMIZATION_HOST", "",
+        "Where the gateway's dashboard calls the optimization service. Empty: FASTSERVE_HOST, reached on "
+        "loopback when it is a wildcard.")
     inference_models: str = _setting(
         "FASTSERVE_INFERENCE_MODELS", "all-MiniLM-L6-v2=builtin://all-MiniLM-L6-v2",
         "Models the inference service loads at start, `name=uri` comma-separated; `none` for none.")
@@ -221,6 +233,11 @@ class Config:
     def port(self, service: str) -> int:
         """The gRPC port of `service`."""
         return int(getattr(self, f"{_known(service)}_port"))
+
+    def service_hosts(self) -> dict[str, str]:
+        """The services given a host of their own (FASTSERVE_<SERVICE>_HOST), by name: the others are on
+        `client_host`."""
+        return {s: getattr(self, f"{s}_host") for s in SERVICES if getattr(self, f"{s}_host")}
 
     def metrics_port(self, service: str) -> int:
         """The Prometheus port of `service` (0: none)."""

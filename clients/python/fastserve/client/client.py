@@ -20,16 +20,19 @@ from fastserve.client.training import TrainingClient
 class FastServeClient:
     """Clients of every service (`.preprocessing`, `.training`, `.optimization`, `.inference`).
 
-    `host` and the default ports reach a local stack; `ports` overrides some. `token` is sent as
+    `host` and the default ports reach a local stack; `ports` overrides some, and `hosts` the host of
+    some (services on hosts of their own, e.g. containers). `token` is sent as
     `authorization: Bearer <token>`; `tls_ca` (a PEM file of trusted roots, e.g. the server's own
     self-signed certificate) turns TLS on, with `client_cert`/`client_key` for mutual TLS. `timeout`
     replaces every call's default deadline except job watches, which run as long as the job does.
     Channels open on first use; `close()` (or `with`) closes them."""
 
-    def __init__(self, host: str = "127.0.0.1", *, ports: Mapping[str, int] | None = None, token: str = "",
+    def __init__(self, host: str = "127.0.0.1", *, ports: Mapping[str, int] | None = None,
+                 hosts: Mapping[str, str] | None = None, token: str = "",
                  tls_ca: str = "", client_cert: str = "", client_key: str = "", timeout: float | None = None,
                  retry: RetryPolicy | None = None, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> None:
-        self.targets = {s: f"{host}:{(ports or {}).get(s, DEFAULT_PORTS[s])}" for s in SERVICES}
+        hosts, ports = hosts or {}, ports or {}
+        self.targets = {s: f"{hosts.get(s) or host}:{ports.get(s, DEFAULT_PORTS[s])}" for s in SERVICES}
         self._channel_settings = dict(token=token, tls_ca=tls_ca, client_cert=client_cert, client_key=client_key,
                                       max_message_mb=max_message_mb)
         self._caller = Caller(retry or RetryPolicy(), timeout)

@@ -19,8 +19,11 @@ def main() -> None:
     config = Config.from_env()
     setup_logging(SERVICE, config.log_format, config.log_level)
     tls = config.server_tls()
-    client = GatewayClient.from_settings(config.client_settings(), host=config.inference_host or None)
-    app = create_app(client, config.auth_token)
+    # Each service at its own host when it has one (containers), else at FASTSERVE_HOST.
+    client = GatewayClient.from_settings(config.client_settings(), hosts=config.service_hosts())
+    port = config.metrics_port("inference")
+    metrics_url = f"http://{client.targets['inference'].rpartition(':')[0]}:{port}/metrics" if port else ""
+    app = create_app(client, config.auth_token, inference_metrics_url=metrics_url)
     options = {}
     with tempfile.TemporaryDirectory(prefix="fastserve-gateway-") as scratch:
         if tls is not None:

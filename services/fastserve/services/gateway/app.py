@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from fastserve.client import ClientError, FastServeClient
 from fastserve.client.aio import AsyncInferenceClient, ServerStream
 from fastserve.inference.v1 import inference_pb2 as pb
-from fastserve.services.gateway import errors, kserve_rest, request_ids, translate
+from fastserve.services.gateway import dashboard, errors, kserve_rest, request_ids, translate
 from fastserve.services.gateway.errors import GatewayError
 from fastserve.services.gateway.middleware import GatewayMiddleware, Metrics
 from fastserve.services.gateway.openai_schema import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -88,10 +88,12 @@ async def _all(calls: list[Awaitable]) -> list:
             task.cancel()
 
 
-def create_app(client: FastServeClient, auth_token: str = "") -> FastAPI:
-    """The gateway over `client` (its inference service); with `auth_token`, every route but `/health`
-    and the docs needs `Authorization: Bearer <auth_token>`. The generation calls go over an async client
-    of the same server and credentials, made when the app starts (a grpc.aio channel belongs to its loop)."""
+def create_app(client: FastServeClient, auth_token: str = "", inference_metrics_url: str = "") -> FastAPI:
+    """The gateway over `client` (its inference service); with `auth_token`, every route but `/health`,
+    the docs and the dashboard's page needs `Authorization: Bearer <auth_token>`. The generation calls go
+    over an async client of the same server and credentials, made when the app starts (a grpc.aio channel
+    belongs to its loop). The dashboard (`/ui`) reads the job services of `client` too, and the inference
+    service's Prometheus text at `inference_metrics_url` (empty: none)."""
     inference = client.inference
     started = translate.now()
     metrics = Metrics()
@@ -111,6 +113,7 @@ def create_app(client: FastServeClient, auth_token: str = "") -> FastAPI:
                   description="OpenAI's chat, completions, embeddings and models endpoints over FastServe.")
     errors.install(app)
     kserve_rest.install(app, inference)
+    dashboard.install(app, dashboard.Upstreams(client, dashboard.MetricsScraper(inference_metrics_url)))
 
     @app.get("/health", include_in_schema=False)
     async def health():

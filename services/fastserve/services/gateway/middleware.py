@@ -18,7 +18,9 @@ from fastserve.services.gateway.errors import body, kserve_path
 from fastserve.services.gateway.kserve_codec import MAX_BODY_BYTES as KSERVE_MAX_BODY_BYTES
 
 MAX_BODY_BYTES = 4 << 20  # /v2 (KServe) requests carry whole tensors: KSERVE_MAX_BODY_BYTES
-OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+# The dashboard's page and assets hold no data and must load to ask for the token; its /ui/api/ is not open.
+OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc", "/ui", "/ui/"})
+OPEN_PREFIXES = ("/ui/static/",)
 
 
 class Metrics:
@@ -70,7 +72,8 @@ class GatewayMiddleware:
             logs.request_id.reset(token)
 
     def _refusal(self, scope, headers, limit: int) -> tuple | None:
-        if self.token and scope["path"] not in OPEN_PATHS:
+        path = scope["path"]
+        if self.token and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
             given = headers.get(b"authorization", b"")
             scheme, _, value = given.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), self.token):
