@@ -68,11 +68,13 @@ def cpu_has_bf16() -> bool:
 
 
 def auto_dtype(device: torch.device) -> torch.dtype:
-    """What AUTO picks: bf16 where the hardware multiplies it (a CUDA GPU that supports it, a CPU with
-    AVX-512 BF16 or AMX): half the bytes of weights and KV cache to read each decode step; fp32 elsewhere."""
+    """What AUTO picks: bf16 on a CUDA GPU that supports it (half the bytes of weights and KV cache to read
+    each decode step), fp32 on a CPU. bf16 on a CPU with AVX-512 BF16 or AMX is faster (`cpu_has_bf16`;
+    `make bench-generation` measures it) but is asked for by name: served by default, a float32 checkpoint
+    gives the tokens its own `generate()` gives, which bf16 does not at near-ties."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
+    return torch.float32
 
 
 def torch_dtype(name: str, device: torch.device, field: str = "config.dtype") -> torch.dtype:

@@ -89,7 +89,7 @@ class Generator:
     def __init__(self, name: str, folder: Path, dtype: str, settings: GenerationSettings,
                  max_kv_bytes: float = math.inf) -> None:
         device = pick_device()
-        # No dtype named: bf16 where the hardware has it, else fp32 (loading.auto_dtype); a name forces it.
+        # No dtype named: bf16 on a CUDA GPU with bf16, else fp32 (loading.auto_dtype); a name forces it.
         model_dtype = torch_dtype(dtype or AUTO, device)
         settings.check()
         # Anything asked to generate that is not an encoder-decoder is run as a causal LM.
