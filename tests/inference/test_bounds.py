@@ -185,7 +185,8 @@ def test_an_unloaded_models_metric_series_are_removed(repository):
 def test_loading_a_model_does_not_stall_the_others_inference(repository):
     """A 25M-parameter model loads while MiniLM keeps embedding. Measured here: before, the load ran on
     the one compute thread and an embed waited for most of it (0.35 to 0.9 s, against 0.025 s alone);
-    now each answers in about its usual time."""
+    now each answers in a fraction of the load's time (an absolute bound of 0.2 s failed once, at 0.27 s,
+    on a machine busy with an image build)."""
     from fastserve.services.inference.core import Inference
     from tests.support.tiny_models import build_causal_lm
 
@@ -200,13 +201,17 @@ def test_loading_a_model_does_not_stall_the_others_inference(repository):
 
     alone = min(embed_seconds() for _ in range(5))
     loader = threading.Thread(target=repository.load, args=("big", "artifact://models/big-gpt/latest"))
+    start = time.monotonic()
     loader.start()
     during = []
     while loader.is_alive():
         during.append(embed_seconds())
     loader.join()
+    loading = time.monotonic() - start
     assert repository.get("big").state is State.READY
-    assert during and max(during) < max(0.2, 4 * alone), (alone, during)
+    # Relative to the load itself, so that a busy machine (which slows both) does not fail it: an embed
+    # that waited behind the load would take most of it.
+    assert len(during) >= 2 and max(during) < 0.5 * loading, (alone, loading, during)
     repository.unload("big")
 
 
