@@ -8,7 +8,7 @@ SETUP_DONE := $(VENV)/.setup-done
 PROTOS := $(shell find proto -name '*.proto' | sort)
 STUBS_DONE := gen/python/.stubs-done
 
-.PHONY: setup proto browser test screenshots lint up down status demo chaos clean
+.PHONY: setup proto browser test screenshots lint up down status demo chaos compose-test clean
 
 setup: $(SETUP_DONE) $(STUBS_DONE)
 
@@ -73,6 +73,11 @@ demo: setup
 # Faults on a loopback stack (worker SIGKILLs, inference overload), bounded in time; not part of `test`.
 chaos: setup
 	$(BIN)/python -m bench.chaos
+
+# The image and the compose stack built and run for real with podman, checked from the host
+# (deploy/compose_test.py, docs/deploy.md); installs Debian's podman and tools when missing. Slow: not part of `test`.
+compose-test: setup
+	$(BIN)/python deploy/compose_test.py
 
 # The generation benchmark with its CPU peers (vLLM CPU, CTranslate2), each installed the first time into a
 # venv of its own under ~/.cache/fastserve-bench/peers (bench/peers.py); never part of `test`.

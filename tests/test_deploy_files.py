@@ -8,6 +8,7 @@ import functools
 import http.server
 import importlib
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,8 @@ K8S_VERSIONS = ("1.30.0", "1.37.0")
 GPU_DEPLOYMENTS = {"inference", "worker-training"}
 # Compose interpolates it from `.env`, and refuses to start without it.
 COMPOSE_PASSWORD = "${REDIS_PASSWORD:?set REDIS_PASSWORD in .env (docs/deploy.md)}"
+# No `:-` default: podman-compose 1.0 leaves `${X:-}` unsubstituted (the literal would become the token).
+COMPOSE_TOKEN = "${FASTSERVE_AUTH_TOKEN}"
 SECRET = "fastserve-secrets"
 
 
@@ -90,6 +93,34 @@ def test_dockerfile_builds_in_stages_and_runs_as_non_root_with_a_grpc_health_che
     assert {".venv", "gen", ".git"} <= set(ignored)
 
 
+def test_the_image_takes_a_wheelhouse_and_a_pip_ca_secret_as_make_compose_test_supplies_them():
+    """deploy/compose_test.py links wheels into the default wheelhouse and passes the `pip_cert` secret."""
+    text = DOCKERFILE.read_text()
+    assert "ARG WHEELHOUSE=deploy/docker/wheelhouse" in text and "COPY ${WHEELHOUSE} /wheels" in text
+    assert "--find-links /wheels" in text and "--mount=type=secret,id=pip_cert,required=false" in text
+    wheelhouse = ROOT / "deploy" / "docker" / "wheelhouse"
+    assert wheelhouse.is_dir() and "wheelhouse" not in (ROOT / ".dockerignore").read_text()
+    script = (ROOT / "deploy" / "compose_test.py").read_text()
+    assert 'ROOT / "deploy" / "docker" / "wheelhouse"' in script and "id=pip_cert," in script
+    assert "compose-test:" in (ROOT / "Makefile").read_text()
+
+
+def test_compose_runs_fastserve_under_an_init_and_redis_from_an_overridable_image():
+    services = _compose("docker-compose.yml")["services"]
+    assert services["redis"]["image"] == "${REDIS_IMAGE:-redis:7-alpine}"
+    # Flower has no SIGTERM handler: as PID 1 itself it would only die of the stop timeout's SIGKILL.
+    assert all(spec.get("init") is True for spec in services.values() if "build" in spec)
+
+
+def test_compose_variables_are_forms_podman_compose_substitutes():
+    """podman-compose 1.0 (what `make compose-test` runs) knows `${X}`, `${X:-default}` with a non-empty
+    default and `${X:?message}`; anything else would reach the containers as literal text."""
+    for name in ("docker-compose.yml", "docker-compose.gpu.yml"):
+        values = yaml.safe_dump(yaml.safe_load((ROOT / name).read_text()))
+        for variable in re.findall(r"\$\{[^}]*\}", values):
+            assert re.fullmatch(r"\$\{[A-Za-z_][A-Za-z0-9_]*(:?-[^}]+|:?\?[^}]+)?\}", variable), (name, variable)
+
+
 def test_the_image_installs_flower_pinned_by_the_constraints():
     extras = _pyproject()["project"]["optional-dependencies"]
     assert [d for d in extras["deploy"] if d.startswith("flower")]
@@ -110,7 +141,7 @@ def test_compose_runs_every_service_on_its_default_ports():
         assert spec["ports"] == [f"127.0.0.1:{port}:{port}", f"127.0.0.1:{metrics}:{metrics}"]
         assert spec["environment"]["SERVICE_PORT"] == str(port)
         assert spec["environment"]["FASTSERVE_REDIS_URL"] == f"redis://:{COMPOSE_PASSWORD}@redis:6379/0"
-        assert spec["environment"]["FASTSERVE_AUTH_TOKEN"] == "${FASTSERVE_AUTH_TOKEN:-}"
+        assert spec["environment"]["FASTSERVE_AUTH_TOKEN"] == COMPOSE_TOKEN
         assert spec["environment"]["FASTSERVE_HOST"] == "0.0.0.0"
 
 
@@ -126,8 +157,10 @@ class _Health(http.server.BaseHTTPRequestHandler):
 
 
 def _run_health_check(test: list[str], env: dict[str, str]) -> int:
-    assert test[0] == "CMD" and test[1:3] == ["python", "-c"], test
-    return subprocess.run([sys.executable, *test[2:]], env=env, capture_output=True, timeout=60).returncode
+    """A CMD-SHELL check, run by the shell with this virtualenv's python first on the PATH."""
+    assert test[0] == "CMD-SHELL" and len(test) == 2 and test[1].startswith("python -c "), test
+    env = {**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
+    return subprocess.run(["/bin/sh", "-c", test[1]], env=env, capture_output=True, timeout=60).returncode
 
 
 def test_compose_runs_the_gateway_on_loopback_after_inference_with_an_http_health_check(tmp_path):
@@ -137,7 +170,7 @@ def test_compose_runs_the_gateway_on_loopback_after_inference_with_an_http_healt
     assert gateway["command"] == ["python", "-m", "fastserve.services.gateway"]
     assert gateway["ports"] == [f"127.0.0.1:{port}:{port}"] and not gateway.get("deploy")
     env = gateway["environment"]
-    assert env["FASTSERVE_HOST"] == "0.0.0.0" and env["FASTSERVE_AUTH_TOKEN"] == "${FASTSERVE_AUTH_TOKEN:-}"
+    assert env["FASTSERVE_HOST"] == "0.0.0.0" and env["FASTSERVE_AUTH_TOKEN"] == COMPOSE_TOKEN
     # It reaches inference at the inference container's name, once that one is healthy.
     assert env["FASTSERVE_INFERENCE_HOST"] == "inference" and "inference" in compose
     assert gateway["depends_on"] == {"inference": {"condition": "service_healthy"}}
