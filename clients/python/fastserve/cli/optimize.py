@@ -10,14 +10,15 @@ from rich.text import Text
 
 from fastserve.cli.common import Flags, command, console, group, print_json, print_table, state, to_dict
 from fastserve.cli.jobs import add_job_commands, exit_code, submitted, watch
+from fastserve.client.optimization import QUALITY_HIGHER_IS_BETTER
 from fastserve.optimization.v1 import optimization_pb2 as pb
 
 # Which way is better for each figure of a `Measurement`: (higher is better, word for up, word for down).
 # The report proto does not say it (only its comments do), so the CLI keeps this small table; the
-# quality's direction goes by `quality_metric`. An unknown metric gets a direction but no verdict.
+# quality's direction goes by `quality_metric` (the client's table, which the dashboard reads too). An
+# unknown metric gets a direction but no verdict.
 FIGURES = {"size_bytes": (False, "larger", "smaller"), "parameters": (False, "more", "fewer"),
            "latency_ms_batch1": (False, "slower", "faster"), "throughput_batched": (True, "higher", "lower")}
-QUALITY_HIGHER_IS_BETTER = {"min_cosine_to_source": True, "accuracy": True, "perplexity": False}
 
 app = group("Optimize models (jobs): submit with a before/after report, report, watch, list, cancel.")
 

@@ -1,5 +1,6 @@
 """`AsyncInferenceClient`: the inference service's generation and embedding calls on a grpc.aio channel,
-for a program that already runs an asyncio loop (the OpenAI gateway).
+for a program that already runs an asyncio loop (the OpenAI gateway); `AsyncJobClient`: a job service's
+WatchJob the same way (the gateway's dashboard).
 
 A streamed completion is one message per token. Reading a blocking stream from a loop costs a worker
 thread per stream and a hop into the loop per message; a grpc.aio call is read by the loop itself, and
@@ -29,6 +30,7 @@ from fastserve.client.channels import channel_options, tls_credentials
 from fastserve.client.client import FastServeClient
 from fastserve.client.errors import ClientError
 from fastserve.client.inference import Message, _prompt, chat_messages
+from fastserve.client.jobs import JobClient
 from fastserve.client.settings import DEFAULT_MAX_MESSAGE_MB, DEFAULT_PORTS
 from fastserve.inference.v1 import inference_pb2 as pb
 from fastserve.inference.v1 import inference_pb2_grpc
@@ -82,24 +84,62 @@ class ServerStream:
         self.cancel()
 
 
-class AsyncInferenceClient:
-    """Generate, Chat and Embed, and the GenerateStream and ChatStream streams, of the inference service
-    on a grpc.aio channel (see the module's docstring). `timeout` replaces every call's default
-    deadline, as the blocking client's; `retry` governs Embed's retries."""
+class _AsyncService:
+    """A grpc.aio channel to one service, built as the blocking client's (TLS, limits, the token, and
+    reconnects at the pace of the retries), and each call's metadata: the token on a plaintext channel
+    and what `metadata` adds."""
 
     def __init__(self, target: str, *, token: str = "", tls_ca: str = "", client_cert: str = "",
-                 client_key: str = "", timeout: float | None = None, retry: RetryPolicy | None = None,
+                 client_key: str = "", retry: RetryPolicy | None = None,
                  max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
                  metadata: Callable[[], Metadata] | None = None) -> None:
-        self.retry, self.timeout = retry or RetryPolicy(), timeout
-        # Reconnect at the pace of the retries, as the blocking client's channels do.
+        self.retry = retry or RetryPolicy()
         options = [("grpc.initial_reconnect_backoff_ms", int(self.retry.initial_backoff * 1000) or 1),
                    ("grpc.max_reconnect_backoff_ms", int(self.retry.max_backoff * 1000) or 1)]
         self._channel = make_aio_channel(target, token=token, tls_ca=tls_ca, client_cert=client_cert,
                                          client_key=client_key, max_message_mb=max_message_mb, options=options)
-        self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._static: Metadata = (("authorization", f"Bearer {token}"),) if token and not tls_ca else ()
         self._metadata = metadata
+
+    def _call_metadata(self) -> Metadata | None:
+        extra = self._metadata() if self._metadata is not None else ()
+        return (self._static + tuple(extra)) or None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class AsyncJobClient(_AsyncService):
+    """WatchJob of one job service on a grpc.aio channel: a watch lasts as long as its job, which on a
+    blocking channel would hold a thread for all that time (the gateway's dashboard)."""
+
+    def __init__(self, target: str, job_client: type[JobClient], **kwargs) -> None:
+        super().__init__(target, **kwargs)
+        self._pb, self._stub = job_client.pb, job_client.stub_class(self._channel)
+
+    @classmethod
+    def from_client(cls, client: FastServeClient, service: str, *,
+                    metadata: Callable[[], Metadata] | None = None) -> AsyncJobClient:
+        """An async client of `service` with the server, credentials and retries of blocking `client`."""
+        return cls(client.targets[service], type(getattr(client, service)), retry=client._caller.retry,
+                   metadata=metadata, **client._channel_settings)
+
+    def watch_job(self, job_id: str, after_event_id: str = "") -> ServerStream:
+        """The job's events, history first, until the one reporting a terminal state. No deadline: the
+        caller cancels the stream when it no longer wants it."""
+        request = self._pb.WatchJobRequest(job_id=job_id, after_event_id=after_event_id)
+        return ServerStream(self._stub.WatchJob(request, metadata=self._call_metadata()))
+
+
+class AsyncInferenceClient(_AsyncService):
+    """Generate, Chat and Embed, and the GenerateStream and ChatStream streams, of the inference service
+    on a grpc.aio channel (see the module's docstring). `timeout` replaces every call's default
+    deadline, as the blocking client's; `retry` governs Embed's retries."""
+
+    def __init__(self, target: str, *, timeout: float | None = None, **kwargs) -> None:
+        super().__init__(target, **kwargs)
+        self.timeout = timeout
+        self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
 
     @classmethod
     def from_client(cls, client: FastServeClient, *, service: str = "inference",
@@ -112,10 +152,6 @@ class AsyncInferenceClient:
     @classmethod
     def connect(cls, host: str = "127.0.0.1", port: int = DEFAULT_PORTS["inference"], **kwargs) -> AsyncInferenceClient:
         return cls(f"{host}:{port}", **kwargs)
-
-    def _call_metadata(self) -> Metadata | None:
-        extra = self._metadata() if self._metadata is not None else ()
-        return (self._static + tuple(extra)) or None
 
     def _deadline(self, given: float | None, default: float) -> float:
         if given is not None:
@@ -179,9 +215,6 @@ class AsyncInferenceClient:
         request = pb.EmbedRequest(model=model, version=version, texts=list(texts), truncate=truncate,
                                   priority=priority)
         return await self._unary("Embed", request, timeout, COMPUTE, True)
-
-    async def close(self) -> None:
-        await self._channel.close()
 
     async def __aenter__(self) -> AsyncInferenceClient:
         return self

@@ -11,6 +11,9 @@ from fastserve.common.v1 import jobs_pb2
 from fastserve.optimization.v1 import optimization_pb2 as pb
 from fastserve.optimization.v1 import optimization_pb2_grpc
 
+# Which way is better for each quality metric a report can carry (`OptimizationMeasurement.quality_metric`).
+QUALITY_HIGHER_IS_BETTER = {"min_cosine_to_source": True, "accuracy": True, "perplexity": False}
+
 
 class OptimizationClient(JobClient):
     stub_class = optimization_pb2_grpc.OptimizationServiceStub

@@ -7,13 +7,12 @@ check and the KServe routes use the blocking client in worker threads."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
@@ -24,28 +23,11 @@ from fastserve.services.gateway import dashboard, errors, kserve_rest, request_i
 from fastserve.services.gateway.errors import GatewayError
 from fastserve.services.gateway.middleware import GatewayMiddleware, Metrics
 from fastserve.services.gateway.openai_schema import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from fastserve.services.gateway.sse import EventStream, event
 
 log = logging.getLogger(__name__)
 
 _END = object()
-
-
-class _Events(StreamingResponse):
-    """Server-sent events whose source is always closed, however the response ends (a client that went
-    away included), so that closing it cancels the gRPC call and the engine frees the slot."""
-
-    def __init__(self, events: AsyncIterator[str]) -> None:
-        super().__init__(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})
-
-    async def stream_response(self, send) -> None:
-        try:
-            await super().stream_response(send)
-        finally:
-            await self.body_iterator.aclose()
-
-
-def _event(payload) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
 async def _relay(stream: ServerStream, first) -> AsyncIterator:
@@ -108,12 +90,13 @@ def create_app(client: FastServeClient, auth_token: str = "", inference_metrics_
             yield
         finally:
             await calls.close()
+            await watches.close()
 
     app = FastAPI(title="FastServe OpenAI-compatible API", version="1", lifespan=lifespan,
                   description="OpenAI's chat, completions, embeddings and models endpoints over FastServe.")
     errors.install(app)
     kserve_rest.install(app, inference)
-    dashboard.install(app, dashboard.Upstreams(client, dashboard.MetricsScraper(inference_metrics_url)))
+    watches = dashboard.install(app, dashboard.Upstreams(client, dashboard.MetricsScraper(inference_metrics_url)))
 
     @app.get("/health", include_in_schema=False)
     async def health():
@@ -156,26 +139,26 @@ def create_app(client: FastServeClient, auth_token: str = "", inference_metrics_
 
         async def events():
             try:
-                async for event in chat_events():
-                    yield event
+                async for message in chat_events():
+                    yield message
             finally:
                 stream.cancel()
 
         async def chat_events():
             for chunk in chunks.opening():
-                yield _event(chunk)
+                yield event(chunk)
             last = None
             async for part in _relay(stream, first):
                 last = part
                 for chunk in chunks.chunks(part):
-                    yield _event(chunk)
+                    yield event(chunk)
             if last is None:
                 return
             if include_usage:
-                yield _event(chunks.usage_chunk(last))
+                yield event(chunks.usage_chunk(last))
             yield "data: [DONE]\n\n"
 
-        return _Events(events())
+        return EventStream(events())
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
@@ -195,8 +178,8 @@ def create_app(client: FastServeClient, auth_token: str = "", inference_metrics_
 
         async def events():
             try:
-                async for event in completion_events():
-                    yield event
+                async for message in completion_events():
+                    yield message
             finally:
                 stream.cancel()
 
@@ -210,26 +193,26 @@ def create_app(client: FastServeClient, auth_token: str = "", inference_metrics_
                         first = await _open(stream)
                     except ClientError as error:
                         failure = translate.completion_failure(error)
-                        yield _event(errors.body(failure.message, failure.status, failure.param, failure.code))
+                        yield event(errors.body(failure.message, failure.status, failure.param, failure.code))
                         return
                 for chunk in chunks.start(index, prompt):
-                    yield _event(chunk)
+                    yield event(chunk)
                 last = None
                 async for part in _relay(stream, first):
                     last = part
                     for chunk in chunks.chunks(part):
-                        yield _event(chunk)
+                        yield event(chunk)
                 if last is None:
                     return
                 prompt_tokens += last.usage.prompt_tokens
                 completion_tokens += last.usage.completion_tokens
             if include_usage:
-                yield _event({"id": chunks.ident, "object": "text_completion", "created": chunks.created,
+                yield event({"id": chunks.ident, "object": "text_completion", "created": chunks.created,
                               "model": body.model, "choices": [],
                               "usage": translate.usage(prompt_tokens, completion_tokens)})
             yield "data: [DONE]\n\n"
 
-        return _Events(events())
+        return EventStream(events())
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):

@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.request
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -168,25 +168,22 @@ def fetch(url: str, timeout: float) -> str:
 
 
 class MetricsScraper:
-    """Scrapes `url` (empty: no metrics, `off_reason` says why) and keeps recent scrapes to measure
+    """Scrapes `url` (empty: the inference service exports no metrics) and keeps recent scrapes to measure
     windows against; safe to call from several threads."""
 
-    def __init__(self, url: str, *, window: float = 10.0, timeout: float = 2.0, keep: int = 64,
-                 off_reason: str = "the inference service exports no metrics (FASTSERVE_INFERENCE_METRICS_PORT=0)",
-                 read: Callable[[str, float], str] = fetch, clock: Callable[[], float] = time.monotonic) -> None:
-        self.url, self.window, self.timeout, self.off_reason = url, window, timeout, off_reason
-        self._read, self._clock = read, clock
+    def __init__(self, url: str, *, window: float = 10.0, timeout: float = 2.0, keep: int = 64) -> None:
+        self.url, self.window, self.timeout = url, window, timeout
         self._history: deque[Scrape] = deque(maxlen=keep)
         self._lock = threading.Lock()
 
     def scrape(self) -> tuple[Scrape, Window | None]:
         """A new scrape, and its window against an earlier one (None for the first). Raises ScrapeError."""
         if not self.url:
-            raise ScrapeError(self.off_reason)
+            raise ScrapeError("the inference service exports no metrics (FASTSERVE_INFERENCE_METRICS_PORT=0)")
         with self._lock:
-            text = self._read(self.url, self.timeout)
+            text = fetch(self.url, self.timeout)
             try:
-                new = Scrape.parse(text, self._clock())
+                new = Scrape.parse(text, time.monotonic())
             except ValueError as exc:
                 raise ScrapeError(f"the inference metrics at {self.url} are not Prometheus text: {exc}") from None
             history = self._history

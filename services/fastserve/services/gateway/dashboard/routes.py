@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
-import mimetypes
-import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.staticfiles import StaticFiles
 
 from fastserve.client import ClientError
 from fastserve.services.gateway import errors, request_ids
@@ -23,72 +21,32 @@ from fastserve.services.gateway.dashboard import views
 from fastserve.services.gateway.dashboard.views import Upstreams
 from fastserve.services.gateway.dashboard.watches import JobWatches
 from fastserve.services.gateway.errors import GatewayError
+from fastserve.services.gateway.sse import EventStream, event
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
-_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-          ".mjs": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
-          ".svg": "image/svg+xml", ".json": "application/json", ".png": "image/png", ".ico": "image/x-icon",
-          ".woff2": "font/woff2", ".map": "application/json"}
+_HEADERS = {"cache-control": "no-cache", "x-content-type-options": "nosniff"}
 # The page runs only its own scripts (no inline ones) and talks only to this gateway.
 _CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
         "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
-_HEADERS = {"cache-control": "no-cache", "x-content-type-options": "nosniff"}
 
 
-def static_file(relative: str, root: Path = STATIC) -> Path:
-    """The file `relative` names under `root`, or a 404: no `..`, absolute path or link leads outside it."""
-    if "\x00" in relative or "\\" in relative:
-        raise GatewayError(404, "no such dashboard file", None, "not_found")
-    base = os.path.realpath(root)
-    found = os.path.realpath(os.path.join(base, relative))
-    if os.path.commonpath([base, found]) != base or not os.path.isfile(found):
-        raise GatewayError(404, "no such dashboard file", None, "not_found")
-    return Path(found)
+class _Assets(StaticFiles):
+    """Starlette's static files (paths confined to the folder, types by extension), never cached stale
+    after an upgrade and never sniffed as another type."""
+
+    def file_response(self, *args, **kwargs):
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(_HEADERS)
+        return response
 
 
-def _file(path: Path, **headers: str) -> FileResponse:
-    media = _TYPES.get(path.suffix.lower()) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return FileResponse(path, media_type=media, headers={**_HEADERS, **headers})
-
-
-class _Events(StreamingResponse):
-    """Server-sent events whose source is closed however the response ends (as the OpenAI routes'
-    stream), so that a client that goes away cancels the gRPC watch."""
-
-    def __init__(self, events: AsyncIterator[str]) -> None:
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
-
-    async def stream_response(self, send) -> None:
-        try:
-            await super().stream_response(send)
-        finally:
-            await self.body_iterator.aclose()
-
-
-def sse(payload, *, event: str = "", ident: str = "") -> str:
-    head = (f"event: {event}\n" if event else "") + (f"id: {ident}\n" if ident else "")
-    return f"{head}data: {json.dumps(payload, separators=(',', ':'))}\n\n"
-
-
-def install(app: FastAPI, upstreams: Upstreams) -> None:
-    """Add `/ui` (the page), `/ui/static/...` (its assets) and `/ui/api/...` (its JSON) to `app`."""
+def install(app: FastAPI, upstreams: Upstreams) -> JobWatches:
+    """Add `/ui` (the page), `/ui/static/...` (its assets) and `/ui/api/...` (its JSON) to `app`; the job
+    watches' channels, for the app to close when it stops (they belong to its loop)."""
     client = upstreams.client
     watches = JobWatches(client, metadata=request_ids.call_metadata)
-    outer = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(application):
-        # The watch channels belong to the app's loop: closed when it stops, after the app's own.
-        try:
-            async with outer(application) as state:
-                yield state
-        finally:
-            await watches.close()
-
-    app.router.lifespan_context = lifespan
 
     @app.get("/ui", include_in_schema=False)
     @app.get("/ui/", include_in_schema=False)
@@ -96,11 +54,10 @@ def install(app: FastAPI, upstreams: Upstreams) -> None:
         page = STATIC / "index.html"
         if not page.is_file():
             raise GatewayError(500, f"the dashboard is not installed: {page} is missing", None, "not_installed")
-        return _file(page, **{"content-security-policy": _CSP})
+        return FileResponse(page, media_type="text/html; charset=utf-8",
+                            headers={**_HEADERS, "content-security-policy": _CSP})
 
-    @app.get("/ui/static/{path:path}", include_in_schema=False)
-    async def asset(path: str):
-        return _file(static_file(path))
+    app.mount("/ui/static", _Assets(directory=STATIC), name="dashboard-assets")
 
     @app.get("/ui/api/services", include_in_schema=False)
     async def services():
@@ -127,7 +84,7 @@ def install(app: FastAPI, upstreams: Upstreams) -> None:
         after = views.check_after(after)
         # The job is looked up first, so that an unknown one is a 404 rather than a broken stream.
         await run_in_threadpool(views.job, client, service, job_id)
-        return _Events(_job_events(service, job_id, after))
+        return EventStream(_job_events(service, job_id, after))
 
     async def _job_events(service: str, job_id: str, after: str) -> AsyncIterator[str]:
         """The job's events, history first, then `end` with the job once it is over. The watch opens
@@ -135,12 +92,12 @@ def install(app: FastAPI, upstreams: Upstreams) -> None:
         stream, ended = watches.watch(service, job_id, after), False
         try:
             async for reply in stream:
-                yield sse(views.event_json(reply.event), ident=reply.event.event_id)
+                yield event(views.event_json(reply.event), ident=reply.event.event_id)
             ended = True
         except ClientError as error:
             ended = True
             failed = views.failure(client, service, error)
-            yield sse(errors.body(failed.message, failed.status, failed.param, failed.code), event="error")
+            yield event(errors.body(failed.message, failed.status, failed.param, failed.code), name="error")
             return
         finally:
             # Cancelled while waiting for an event, or closed at a `yield`: either way the client left.
@@ -150,9 +107,9 @@ def install(app: FastAPI, upstreams: Upstreams) -> None:
         try:
             final = await run_in_threadpool(views.job, client, service, job_id)
         except GatewayError as error:
-            yield sse(errors.body(error.message, error.status, error.param, error.code), event="error")
+            yield event(errors.body(error.message, error.status, error.param, error.code), name="error")
             return
-        yield sse(final, event="end")
+        yield event(final, name="end")
 
     @app.get("/ui/api/models", include_in_schema=False)
     async def models():
@@ -173,6 +130,8 @@ def install(app: FastAPI, upstreams: Upstreams) -> None:
     @app.get("/ui/api/artifacts/lineage", include_in_schema=False)
     async def lineage(uri: str | None = None):
         return await run_in_threadpool(views.lineage, client, uri)
+
+    return watches
 
 
 async def _json(request: Request):

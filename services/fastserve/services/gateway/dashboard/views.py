@@ -14,14 +14,17 @@ import grpc
 from google.protobuf import json_format
 
 from fastserve.client import ClientError, FastServeClient
+from fastserve.client.jobs import state_name
+from fastserve.client.optimization import QUALITY_HIGHER_IS_BETTER
 from fastserve.common.v1 import jobs_pb2
 from fastserve.inference.v1 import inference_pb2 as ipb
 from fastserve.services.gateway.dashboard import metrics_scrape as m
 from fastserve.services.gateway.errors import GatewayError, from_client_error
+from fastserve.storage.artifacts import parse_uri
 
 JOB_SERVICES = ("preprocessing", "training", "optimization")
 SERVICES = (*JOB_SERVICES, "inference")
-STATES = tuple(n.removeprefix("JOB_STATE_") for n in jobs_pb2.JobState.keys() if n != "JOB_STATE_UNSPECIFIED")
+STATES = tuple(state_name(v) for v in jobs_pb2.JobState.values() if v != jobs_pb2.JOB_STATE_UNSPECIFIED)
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 ARTIFACT_KINDS = ("corpora", "datasets", "tokenizers", "checkpoints", "models", "reports")
 MAX_NAME, MAX_URI, MAX_JOB_ID, MAX_EVENT_ID = 256, 1024, 128, 64
@@ -132,7 +135,7 @@ def struct(message) -> dict[str, Any]:
 
 def job_json(job: jobs_pb2.Job, service: str = "") -> dict[str, Any]:
     return {"service": job.service or service, "job_id": job.job_id, "job_type": job.job_type,
-            "state": jobs_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_"), "progress": job.progress,
+            "state": state_name(job.state), "progress": job.progress,
             "message": job.message, "error": job.error, "cancel_requested": job.cancel_requested,
             "create_time": iso(job.create_time), "update_time": iso(job.update_time),
             "start_time": iso(job.start_time), "end_time": iso(job.end_time),
@@ -141,7 +144,7 @@ def job_json(job: jobs_pb2.Job, service: str = "") -> dict[str, Any]:
 
 def event_json(event: jobs_pb2.JobEvent) -> dict[str, Any]:
     return {"type": jobs_pb2.JobEventType.Name(event.type).removeprefix("JOB_EVENT_TYPE_"),
-            "state": jobs_pb2.JobState.Name(event.state).removeprefix("JOB_STATE_"), "progress": event.progress,
+            "state": state_name(event.state), "progress": event.progress,
             "message": event.message, "data": struct(event.data), "time": iso(event.time)}
 
 
@@ -189,10 +192,6 @@ def cancel(client: FastServeClient, service: str, job_id: str) -> dict[str, Any]
     return job_json(_call(client, service, lambda: getattr(client, service).cancel_job(job_id, reason)), service)
 
 
-def _lower_is_better(metric: str) -> bool:
-    return any(word in metric for word in ("perplexity", "loss", "error"))
-
-
 def report(client: FastServeClient, job_id: str) -> dict[str, Any]:
     """The optimization job's before/after measurements as table rows; 404 while it has none."""
     job_id = check_job_id(job_id)
@@ -208,7 +207,7 @@ def report(client: FastServeClient, job_id: str) -> dict[str, Any]:
             ("latency (batch 1)", "latency_ms_batch1", "ms", False),
             (f"throughput (batch {after.batched_size or before.batched_size})", "throughput_batched",
              "sequences/s", True),
-            (quality, "quality", "", not _lower_is_better(quality))]
+            (quality, "quality", "", QUALITY_HIGHER_IS_BETTER.get(quality))]
     return {"rows": [{"metric": label, "before": getattr(before, f), "after": getattr(after, f), "unit": unit,
                       "higher_is_better": higher} for label, f, unit, higher in rows],
             "backend_before": before.backend, "backend_after": after.backend, "job_id": found.job_id,
@@ -306,10 +305,10 @@ def _object(body: Any) -> Mapping[str, Any]:
 
 
 def node(uri: str) -> dict[str, Any]:
-    """`artifact://models/gpt/3` → its kind (the URI's plural), name and version (a number when it is one)."""
-    kind, _, rest = uri.removeprefix("artifact://").partition("/")
-    name, _, version = rest.rpartition("/")
-    return {"uri": uri, "kind": kind, "name": name, "version": int(version) if version.isdigit() else version}
+    """`artifact://models/gpt/3` → its kind (the URI's plural), name and version (None for `latest` or an
+    alias), as the registry's own parser reads it."""
+    ref = parse_uri(uri)
+    return {"uri": uri, "kind": ref.kind, "name": ref.name, "version": ref.version}
 
 
 def artifacts(client: FastServeClient, kind: str | None = None) -> dict[str, Any]:
