@@ -128,17 +128,19 @@ def _serve(service: str, env: dict[str, str], log: Path, timeout: float) -> Proc
     return proc
 
 
-def start_gateway(inference: Proc, log: Path, token: str = "", timeout: float = 60.0, **settings: str) -> Proc:
-    """`python -m fastserve.services.gateway` over `inference` on a free port, returned once its HTTP
-    `/health` answers 200 (the inference service reachable); `settings` are more FASTSERVE_* variables."""
+def start_gateway(inference: Proc | None, log: Path, token: str = "", timeout: float = 60.0,
+                  ready_path: str = "/health", **settings: str) -> Proc:
+    """`python -m fastserve.services.gateway` over `inference` (None: the port `settings` name) on a free
+    port, returned once `ready_path` answers 200 (`/health`: the inference service reachable); `settings`
+    are more FASTSERVE_* variables."""
     port = free_port()
-    env = {"FASTSERVE_INFERENCE_PORT": str(inference.port), "FASTSERVE_GATEWAY_PORT": str(port),
-           "FASTSERVE_AUTH_TOKEN": token, "FASTSERVE_LOG_FORMAT": "json", **settings}
+    env = {"FASTSERVE_GATEWAY_PORT": str(port), "FASTSERVE_AUTH_TOKEN": token, "FASTSERVE_LOG_FORMAT": "json",
+           **({"FASTSERVE_INFERENCE_PORT": str(inference.port)} if inference else {}), **settings}
     proc = spawn([sys.executable, "-m", "fastserve.services.gateway"], env, log, port)
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=1.0).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass

@@ -6,12 +6,9 @@ jobs published (a corpus, a tokenizer, a dataset, a model and its optimized copy
 from __future__ import annotations
 
 import os
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
 from playwright.sync_api import Page, sync_playwright
 
@@ -22,7 +19,7 @@ from fastserve.runtime.config import JOB_SERVICES
 from fastserve.storage.artifacts import ArtifactStore
 from tests.conftest import private_env
 from tests.gateway.conftest import build_chat_model
-from tests.support.processes import Proc, free_port, spawn, start_gateway, start_inference, start_service, start_worker
+from tests.support.processes import Proc, free_port, start_gateway, start_inference, start_service, start_worker
 
 CHROMIUM = Path("/usr/bin/chromium")
 TOKEN = "dashboard-secret"
@@ -126,26 +123,11 @@ def base_url(gateway) -> str:
 def gateway_without_inference(stack_env, logs, job_services) -> str:
     """A second gateway whose inference address answers nothing (the job services are the real ones): the
     URL of its dashboard. Its /health is 503 by design, so it is ready once /ui answers."""
-    dead = free_port()
-    port = free_port()
-    ports = {**{name: proc.port for name, proc in job_services.items()}, "inference": dead}
-    env = {**gateway_settings(stack_env, ports, free_port()), "FASTSERVE_GATEWAY_PORT": str(port),
-           "FASTSERVE_AUTH_TOKEN": TOKEN, "FASTSERVE_LOG_FORMAT": "json"}
-    proc = spawn([sys.executable, "-m", "fastserve.services.gateway"], env, logs / "gateway-dead.log", port)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ui", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the second gateway did not start:\n{proc.log_text()[-3000:]}")
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.stop()
+    ports = {**{name: proc.port for name, proc in job_services.items()}, "inference": free_port()}
+    proc = start_gateway(None, logs / "gateway-dead.log", TOKEN, ready_path="/ui",
+                         **gateway_settings(stack_env, ports, free_port()))
+    yield f"http://127.0.0.1:{proc.port}"
+    proc.stop()
 
 
 @pytest.fixture(scope="package")
