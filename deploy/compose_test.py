@@ -26,10 +26,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+
+from fastserve.client import FastServeClient, state_name
+from fastserve.client.settings import DEFAULT_PORTS
+from fastserve.stack.processes import http_health
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastserve-compose-test"
@@ -40,8 +42,9 @@ IMAGE = "localhost/fastserve:latest"
 WHEELHOUSE = ROOT / "deploy" / "docker" / "wheelhouse"
 WHEELS = Path(os.environ.get("COMPOSE_TEST_WHEELS", "/opt/wheels"))
 PROJECT = "fastserve-compose-test"
-SERVICES = {"preprocessing": 50051, "training": 50052, "optimization": 50053, "inference": 50054}
 GATEWAY = "http://127.0.0.1:8000"
+# The containers whose HEALTHCHECK is run, and whose logs are shown when the run fails.
+HEALTHCHECKED = ("inference", "gateway", "worker-preprocessing")
 EMBED = "all-MiniLM-L6-v2"
 # `podman stop -t` grace: a process that has not exited by then is SIGKILLed (exit code 137).
 GRACE = 20
@@ -210,40 +213,40 @@ def container(service: str) -> str:
     return f"{PROJECT}_{service}_1"
 
 
-def http_status(path: str, headers: dict[str, str] | None = None) -> int:
-    try:
-        with urllib.request.urlopen(urllib.request.Request(GATEWAY + path, headers=headers or {}), timeout=10) as r:
-            return r.status
-    except urllib.error.HTTPError as error:
-        return error.code
-    except OSError:
-        return 0
+def gateway_health(path: str) -> str:
+    """`SERVING` when `GET path` on the gateway answers 200."""
+    return http_health(GATEWAY + path, timeout=10)
 
 
-def health(client) -> dict[str, str]:
-    return {service: client.health(service) for service in SERVICES}
+def health(client: FastServeClient) -> dict[str, str]:
+    # The compose file publishes each service on its default port.
+    return {service: client.health(service) for service in DEFAULT_PORTS}
 
 
-def up(client, label: str) -> None:
+def tokenizer_versions(client: FastServeClient, name: str) -> list[str]:
+    return [a.ref.uri for a in client.registry.list("tokenizers", name)]
+
+
+def up(client: FastServeClient, label: str) -> None:
     start = time.monotonic()
     compose("up", "-d", "--no-build")
     try:
         wait_for("every service SERVING", lambda: set(health(client).values()) == {"SERVING"}, UP_TIMEOUT)
-        wait_for("the gateway's /health", lambda: http_status("/health") == 200, UP_TIMEOUT / 2)
+        wait_for("the gateway's /health", lambda: gateway_health("/health") == "SERVING", UP_TIMEOUT / 2)
     except TimeoutError as error:
-        check(f"{label}_up", False, f"{error}; health {health(client)}, gateway /health {http_status('/health')}")
+        check(f"{label}_up", False, f"{error}; health {health(client)}, gateway /health {gateway_health('/health')}")
         raise
     result(f"{label}_up_seconds", f"{time.monotonic() - start:.0f}")
 
 
-def check_stack(client, token: str) -> tuple[str, str]:
+def check_stack(client: FastServeClient, token: str) -> tuple[str, str]:
     for service, status in health(client).items():
         check(f"grpc_health_{service}", status == "SERVING", status)
-    cli = run(str(ROOT / ".venv" / "bin" / "fastserve"), "health", "--port", str(SERVICES["inference"]),
+    cli = run(str(ROOT / ".venv" / "bin" / "fastserve"), "health", "--port", str(DEFAULT_PORTS["inference"]),
               check_rc=False, quiet=True)
     check("fastserve_health_cli_inference", cli.returncode == 0, cli.stdout.strip()[-200:])
-    check("gateway_health_200", (code := http_status("/health")) == 200, str(code))
-    check("gateway_ui_200", (code := http_status("/ui")) == 200, str(code))
+    check("gateway_health_200", (status := gateway_health("/health")) == "SERVING", status)
+    check("gateway_ui_200", (status := gateway_health("/ui")) == "SERVING", status)
 
     import numpy as np
     import tritonclient.http as triton
@@ -257,26 +260,25 @@ def check_stack(client, token: str) -> tuple[str, str]:
     name = f"compose-test-{secrets.token_hex(4)}"
     job = client.preprocessing.train_tokenizer("stdlib-docstrings", name, vocab_size=500)
     done = client.preprocessing.wait_job(job.job_id, timeout=600)
-    state = type(done).DESCRIPTOR.fields_by_name["state"].enum_type.values_by_number[done.state].name
-    check("celery_worker_ran_tokenizer_job", state == "JOB_STATE_SUCCEEDED", f"{job.job_id} {state} {done.error}")
-    versions = [a.ref.uri for a in client.registry.list("tokenizers", name)]
+    state = state_name(done.state)
+    check("celery_worker_ran_tokenizer_job", state == "SUCCEEDED", f"{job.job_id} {state} {done.error}")
+    versions = tokenizer_versions(client, name)
     # The worker wrote it in its container; inference, which serves the registry, reads it off the shared volume.
     check("tokenizer_artifact_in_registry", bool(versions), ", ".join(versions))
     return job.job_id, name
 
 
-def check_persisted(client, job_id: str, name: str) -> None:
-    job = client.preprocessing.get_job(job_id)
-    state = type(job).DESCRIPTOR.fields_by_name["state"].enum_type.values_by_number[job.state].name
-    check("job_history_survives_down_up", state == "JOB_STATE_SUCCEEDED", f"{job_id} {state}")
+def check_persisted(client: FastServeClient, job_id: str, name: str) -> None:
+    state = state_name(client.preprocessing.get_job(job_id).state)
+    check("job_history_survives_down_up", state == "SUCCEEDED", f"{job_id} {state}")
     listed = {j.job_id for j in client.preprocessing.list_jobs(page_size=100).jobs}
     check("job_listed_after_down_up", job_id in listed)
-    versions = [a.ref.uri for a in client.registry.list("tokenizers", name)]
+    versions = tokenizer_versions(client, name)
     check("artifact_survives_down_up", bool(versions), ", ".join(versions))
 
 
 def check_container_health() -> None:
-    for service in ("inference", "gateway", "worker-preprocessing"):
+    for service in HEALTHCHECKED:
         done = run("podman", "healthcheck", "run", container(service), check_rc=False, quiet=True)
         check(f"healthcheck_{service}", done.returncode == 0, (done.stdout + done.stderr).strip()[-200:])
 
@@ -301,7 +303,6 @@ def main() -> int:
     password, token = secrets.token_hex(32), secrets.token_hex(32)
     # What `.env` would hold; podman-compose reads the environment too, and a user's .env stays untouched.
     os.environ.update(REDIS_PASSWORD=password, FASTSERVE_AUTH_TOKEN=token, REDIS_IMAGE=REDIS_IMAGE)
-    from fastserve.client import FastServeClient
     client = FastServeClient("127.0.0.1", token=token)
     try:
         up(client, "first")
@@ -315,7 +316,7 @@ def main() -> int:
         check_sigterm_stop()
     except Exception as error:  # noqa: BLE001 (the run stops; what failed is reported, the stack comes down)
         check("run", False, f"{type(error).__name__}: {error}")
-        for service in ("inference", "gateway", "worker-preprocessing"):
+        for service in HEALTHCHECKED:
             logs = run("podman", "logs", "--tail", "15", container(service), check_rc=False, quiet=True)
             print(f"--- {service} logs\n{logs.stdout}{logs.stderr}", flush=True)
     finally:

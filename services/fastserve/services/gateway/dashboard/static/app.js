@@ -101,6 +101,43 @@ function tableWrap(table, label) {
   return h("div", { class: "table-wrap", role: "region", "aria-label": label, tabindex: 0 }, table);
 }
 
+function tableHead(labels) {
+  return h("thead", {}, h("tr", {}, labels.map((t) => h("th", { scope: "col", text: t }))));
+}
+
+// A list page's table and its empty-state message: the table shows when there are rows, the message
+// when there are none, neither after an error (the page's alert says why). Both start hidden.
+function tableView(table, label, emptyText = "") {
+  const wrap = tableWrap(table, label);
+  const empty = emptyState(emptyText);
+  wrap.hidden = true;
+  empty.hidden = true;
+  return {
+    wrap, empty,
+    show(count, text) {
+      wrap.hidden = !count;
+      empty.hidden = Boolean(count);
+      if (text !== undefined) setText(empty, text);
+    },
+    hide() { wrap.hidden = true; empty.hidden = true; },
+  };
+}
+
+// Children of `parent` kept in the order of `items` and updated in place, matched by key (the
+// children's data-<keyAttr>), so that a refresh keeps the keyboard focus where it was.
+// `create(item, key)` makes a missing child; `update(el, item)` fills in a new or kept one.
+function syncChildren(parent, items, { keyOf, create, update, keyAttr = "key" }) {
+  const existing = new Map([...parent.children].map((el) => [el.dataset[keyAttr], el]));
+  items.forEach((item, index) => {
+    const key = keyOf(item);
+    const el = existing.get(key) ?? create(item, key);
+    existing.delete(key);
+    update(el, item);
+    if (parent.children[index] !== el) parent.insertBefore(el, parent.children[index] || null);
+  });
+  for (const el of existing.values()) el.remove();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Formatting: null and undefined read "—" everywhere.
 
@@ -442,20 +479,16 @@ function jobsPage(main, _params, ctx) {
   const tbody = h("tbody");
   const table = h("table", { id: "jobs-table" },
     h("caption", { class: "visually-hidden", text: "Jobs, newest first" }),
-    h("thead", {}, h("tr", {}, ["Job", "Service", "Type", "State", "Progress", "Message", "Created", "Updated"]
-      .map((t) => h("th", { scope: "col", text: t })))),
+    tableHead(["Job", "Service", "Type", "State", "Progress", "Message", "Created", "Updated"]),
     tbody);
-  const empty = emptyState("");
-  empty.hidden = true;
-  const wrap = tableWrap(table, "Jobs");
-  wrap.hidden = true;
+  const view = tableView(table, "Jobs");
 
   append(main, [
     heading,
     h("form", { class: "filters", onsubmit: (e) => e.preventDefault() },
       h("div", { class: "field" }, h("label", { for: "filter-state", text: "State" }), stateSelect),
       h("div", { class: "field" }, h("label", { for: "filter-kind", text: "Kind" }), kindSelect)),
-    alerts.el, partial.el, wrap, empty,
+    alerts.el, partial.el, view.wrap, view.empty,
   ]);
 
   let generation = 0;
@@ -467,17 +500,14 @@ function jobsPage(main, _params, ctx) {
       alerts.clear();
       const errs = (data.errors || []).map((e) => e.message || `${e.service} unavailable`);
       partial.show(errs.join(" · "));
-      renderJobRows(tbody, data.jobs || []);
-      const none = !(data.jobs || []).length;
-      wrap.hidden = none;
-      empty.hidden = !none;
-      empty.textContent = jobFilters.state || jobFilters.kind ? "No jobs match these filters." : "No jobs yet.";
+      const jobs = data.jobs || [];
+      renderJobRows(tbody, jobs);
+      view.show(jobs.length, jobFilters.state || jobFilters.kind ? "No jobs match these filters." : "No jobs yet.");
     } catch (err) {
       if (err.name === "AbortError" || mine !== generation) return;
       alerts.show(`Could not load the jobs: ${messageOf(err)}`);
       partial.clear();
-      wrap.hidden = true;
-      empty.hidden = true;
+      view.hide();
     }
   };
   const onFilter = () => {
@@ -490,40 +520,35 @@ function jobsPage(main, _params, ctx) {
   ctx.every(3000, load);
 }
 
-function jobKey(job) { return `${job.service}/${job.job_id}`; }
-
-// Rows updated in place by key, so that a refresh keeps the keyboard focus where it was.
 function renderJobRows(tbody, jobs) {
-  const existing = new Map([...tbody.rows].map((row) => [row.dataset.key, row]));
-  jobs.forEach((job, index) => {
-    const key = jobKey(job);
-    let row = existing.get(key);
-    if (!row) {
-      row = h("tr", { "data-job-id": job.job_id, "data-service": job.service, "data-key": key },
-        h("td", { class: "job-id mono" }), h("td", { class: "job-service" }), h("td", { class: "job-type" }),
-        h("td", {}, h("span", { class: "job-state badge" })),
-        h("td", { class: "job-progress" }, h("progress", { max: 1, value: 0 }), h("span", { class: "pct" })),
-        h("td", { class: "job-message" }), h("td", { class: "job-created" }), h("td", { class: "job-updated" }));
-      activatable(row, () => { location.hash = `#/jobs/${encodeURIComponent(job.service)}/${encodeURIComponent(job.job_id)}`; });
-      row.setAttribute("aria-label", `Open job ${job.job_id}`);
-    }
-    existing.delete(key);
-    setText(row.querySelector(".job-id"), job.job_id);
-    setText(row.querySelector(".job-service"), job.service);
-    setText(row.querySelector(".job-type"), job.job_type || "—");
-    const badge = row.querySelector(".job-state");
-    setText(badge, job.state);
-    badge.dataset.state = job.state;
-    const bar = row.querySelector("progress");
-    bar.value = isNum(job.progress) ? job.progress : 0;
-    bar.setAttribute("aria-label", `Progress of job ${job.job_id}`);
-    setText(row.querySelector(".pct"), fmtPct(job.progress));
-    setText(row.querySelector(".job-message"), job.error || job.message || "—");
-    setText(row.querySelector(".job-created"), fmtTime(job.create_time));
-    setText(row.querySelector(".job-updated"), fmtTime(job.update_time));
-    if (tbody.rows[index] !== row) tbody.insertBefore(row, tbody.rows[index] || null);
-  });
-  for (const row of existing.values()) row.remove();
+  syncChildren(tbody, jobs, { keyOf: (job) => `${job.service}/${job.job_id}`, create: jobRow, update: fillJobRow });
+}
+
+function jobRow(job, key) {
+  const row = h("tr", { "data-job-id": job.job_id, "data-service": job.service, "data-key": key },
+    h("td", { class: "job-id mono" }), h("td", { class: "job-service" }), h("td", { class: "job-type" }),
+    h("td", {}, h("span", { class: "job-state badge" })),
+    h("td", { class: "job-progress" }, h("progress", { max: 1, value: 0 }), h("span", { class: "pct" })),
+    h("td", { class: "job-message" }), h("td", { class: "job-created" }), h("td", { class: "job-updated" }));
+  activatable(row, () => { location.hash = `#/jobs/${encodeURIComponent(job.service)}/${encodeURIComponent(job.job_id)}`; });
+  row.setAttribute("aria-label", `Open job ${job.job_id}`);
+  return row;
+}
+
+function fillJobRow(row, job) {
+  setText(row.querySelector(".job-id"), job.job_id);
+  setText(row.querySelector(".job-service"), job.service);
+  setText(row.querySelector(".job-type"), job.job_type || "—");
+  const badge = row.querySelector(".job-state");
+  setText(badge, job.state);
+  badge.dataset.state = job.state;
+  const bar = row.querySelector("progress");
+  bar.value = isNum(job.progress) ? job.progress : 0;
+  bar.setAttribute("aria-label", `Progress of job ${job.job_id}`);
+  setText(row.querySelector(".pct"), fmtPct(job.progress));
+  setText(row.querySelector(".job-message"), job.error || job.message || "—");
+  setText(row.querySelector(".job-created"), fmtTime(job.create_time));
+  setText(row.querySelector(".job-updated"), fmtTime(job.update_time));
 }
 
 // A line chart in a <figure data-points=N>, created at its first point and redrawn at most once a frame.
@@ -536,9 +561,12 @@ function lineChart(figure, series) {
   const data = [[], ...series.map(() => [])];
   let plot = null;
   let pending = false;
+  let destroyed = false;
   const width = () => Math.max(240, holder.clientWidth || figure.clientWidth || 320);
   const draw = () => {
     pending = false;
+    // A frame asked for just before the page was left would build a plot nobody destroys.
+    if (destroyed) return;
     if (!plot) {
       if (typeof window.uPlot !== "function") return;
       empty.remove();
@@ -559,21 +587,15 @@ function lineChart(figure, series) {
   resize.observe(holder);
   return {
     add(x, values) {
-      // Steps arrive in order; a repeated step (after a reconnect) replaces its point.
-      const last = data[0].length - 1;
-      if (last >= 0 && data[0][last] === x) {
-        values.forEach((v, i) => { if (isNum(v)) data[i + 1][last] = v; });
-      } else if (last >= 0 && x < data[0][last]) {
-        const at = data[0].findIndex((v) => v >= x);
-        if (data[0][at] === x) values.forEach((v, i) => { if (isNum(v)) data[i + 1][at] = v; });
-        else { data[0].splice(at, 0, x); values.forEach((v, i) => data[i + 1].splice(at, 0, isNum(v) ? v : null)); }
-      } else {
-        data[0].push(x);
-        values.forEach((v, i) => data[i + 1].push(isNum(v) ? v : null));
-      }
+      // Steps arrive in order, so a new one goes at the end without a search; a repeated step (after a
+      // reconnect) replaces its point, and one older than the last is slotted in where it belongs.
+      const n = data[0].length;
+      const at = n && x <= data[0][n - 1] ? data[0].findIndex((v) => v >= x) : n;
+      if (data[0][at] === x) values.forEach((v, i) => { if (isNum(v)) data[i + 1][at] = v; });
+      else { data[0].splice(at, 0, x); values.forEach((v, i) => data[i + 1].splice(at, 0, isNum(v) ? v : null)); }
       if (!pending) { pending = true; requestAnimationFrame(draw); }
     },
-    destroy() { resize.disconnect(); if (plot) plot.destroy(); },
+    destroy() { destroyed = true; resize.disconnect(); if (plot) plot.destroy(); },
   };
 }
 
@@ -784,7 +806,7 @@ function reportTable(rows) {
       h("td", { class: "num", text: change })));
   }
   return tableWrap(h("table", { id: "job-report" },
-    h("thead", {}, h("tr", {}, ["Metric", "Before", "After", "Change"].map((t) => h("th", { scope: "col", text: t })))),
+    tableHead(["Metric", "Before", "After", "Change"]),
     body), "Optimization report");
 }
 
@@ -798,14 +820,10 @@ function modelsPage(main, _params, ctx) {
   const tbody = h("tbody");
   const table = h("table", { id: "models-table" },
     h("caption", { class: "visually-hidden", text: "Served models with live figures" }),
-    h("thead", {}, h("tr", {}, ["Model", "Version", "State", "Task", "Backend", "Tokens/s", "Requests/s",
-      "Queue by level", "Batch occupancy", "p50 latency", "p99 latency", "TTFT p50 / p99", ""]
-      .map((t) => h("th", { scope: "col", text: t })))),
+    tableHead(["Model", "Version", "State", "Task", "Backend", "Tokens/s", "Requests/s",
+      "Queue by level", "Batch occupancy", "p50 latency", "p99 latency", "TTFT p50 / p99", ""]),
     tbody);
-  const wrap = tableWrap(table, "Models");
-  wrap.hidden = true;
-  const empty = emptyState("No models are loaded. Load one below.");
-  empty.hidden = true;
+  const view = tableView(table, "Models", "No models are loaded. Load one below.");
 
   const nameIn = h("input", { id: "load-name", name: "name", required: true, maxlength: 256, autocomplete: "off" });
   const uriIn = h("input", { id: "load-uri", name: "uri", required: true, maxlength: 2048, autocomplete: "off",
@@ -823,7 +841,7 @@ function modelsPage(main, _params, ctx) {
       h("div", { class: "field end" }, submit)),
     formAlert.el, formStatus);
 
-  append(main, [h("h1", { tabindex: -1, text: "Models" }), alerts.el, metricsNote, summary, wrap, empty, form]);
+  append(main, [h("h1", { tabindex: -1, text: "Models" }), alerts.el, metricsNote, summary, view.wrap, view.empty, form]);
 
   const load = async () => {
     try {
@@ -833,21 +851,18 @@ function modelsPage(main, _params, ctx) {
       metricsNote.hidden = !data.metrics_error;
       setText(metricsNote, data.metrics_error ? `Live figures unavailable: ${data.metrics_error}` : "");
       const models = data.models || [];
-      renderModelRows(tbody, models, ctx, reload, alerts);
-      wrap.hidden = !models.length;
-      empty.hidden = Boolean(models.length);
+      renderModelRows(tbody, models, ctx, load, alerts);
+      view.show(models.length);
       const ready = models.filter((m) => m.ready).length;
       setText(summary, models.length ? `${models.length} model version${models.length === 1 ? "" : "s"}, ${ready} ready.` : "");
     } catch (err) {
       if (err.name === "AbortError") return;
       alerts.show(messageOf(err));
-      wrap.hidden = true;
-      empty.hidden = true;
+      view.hide();
       metricsNote.hidden = true;
       setText(summary, "");
     }
   };
-  const reload = () => load();
   ctx.every(2000, load);
 
   form.addEventListener("submit", async (event) => {
@@ -862,7 +877,7 @@ function modelsPage(main, _params, ctx) {
       const model = await api("/ui/api/models/load", { method: "POST", body, signal: ctx.signal });
       setText(formStatus, `Loaded ${model.name} version ${model.version || "—"} (${model.state}).`);
       form.reset();
-      reload();
+      load();
     } catch (err) {
       if (err.name === "AbortError") return;
       setText(formStatus, "");
@@ -874,57 +889,59 @@ function modelsPage(main, _params, ctx) {
 }
 
 function renderModelRows(tbody, models, ctx, reload, alerts) {
-  const existing = new Map([...tbody.rows].map((row) => [row.dataset.key, row]));
-  models.forEach((model, index) => {
-    const key = `${model.name}\u0000${model.version}`;
-    let row = existing.get(key);
-    if (!row) {
-      const unload = h("button", { type: "button", class: "unload secondary", text: "Unload",
-        "aria-label": `Unload ${model.name} version ${model.version || "—"}` });
-      unload.addEventListener("click", async () => {
-        const yes = await confirmAction("Unload this model?",
-          `${model.name} version ${model.version || "—"} stops serving; requests for it will fail.`, "Unload");
-        if (!yes || !ctx.alive) return;
-        unload.disabled = true;
-        const body = { name: model.name };
-        if (model.version) body.version = model.version;
-        try {
-          await api("/ui/api/models/unload", { method: "POST", body, signal: ctx.signal });
-          row.remove();
-          reload();
-        } catch (err) {
-          if (err.name === "AbortError") return;
-          unload.disabled = false;
-          alerts.show(`Could not unload ${model.name}: ${messageOf(err)}`);
-        }
-      });
-      row = h("tr", { "data-model": model.name, "data-version": model.version ?? "", "data-key": key },
-        h("th", { scope: "row", class: "model-name", text: model.name }),
-        h("td", { class: "model-version mono", text: model.version || "—" }),
-        h("td", {}, h("span", { class: "model-state badge" })),
-        h("td", { class: "model-task" }), h("td", { class: "model-backend" }),
-        h("td", { class: "fig-tps num" }), h("td", { class: "fig-rps num" }), h("td", { class: "fig-queue" }),
-        h("td", { class: "fig-occupancy num" }), h("td", { class: "fig-p50 num" }), h("td", { class: "fig-p99 num" }),
-        h("td", { class: "fig-ttft num" }), h("td", {}, unload));
-    }
-    existing.delete(key);
-    const f = model.figures || {};
-    const badge = row.querySelector(".model-state");
-    setText(badge, model.generating ? `${model.state} · generating` : model.state);
-    badge.dataset.state = model.state;
-    setText(row.querySelector(".model-task"), model.task || "—");
-    setText(row.querySelector(".model-backend"), model.backend || "—");
-    setText(row.querySelector(".fig-tps"), fmtNum(f.tokens_per_second, 1));
-    setText(row.querySelector(".fig-rps"), fmtNum(f.requests_per_second, 2));
-    setText(row.querySelector(".fig-queue"), fmtQueue(f.queue_by_level));
-    setText(row.querySelector(".fig-occupancy"), fmtPct(f.batch_occupancy));
-    setText(row.querySelector(".fig-p50"), fmtMs(f.latency_p50_ms));
-    setText(row.querySelector(".fig-p99"), fmtMs(f.latency_p99_ms));
-    setText(row.querySelector(".fig-ttft"), isNum(f.ttft_p50_ms) || isNum(f.ttft_p99_ms)
-      ? `${fmtMs(f.ttft_p50_ms)} / ${fmtMs(f.ttft_p99_ms)}` : "—");
-    if (tbody.rows[index] !== row) tbody.insertBefore(row, tbody.rows[index] || null);
+  syncChildren(tbody, models, {
+    keyOf: (model) => `${model.name}\u0000${model.version}`,
+    create: (model, key) => modelRow(model, key, ctx, reload, alerts),
+    update: fillModelRow,
   });
-  for (const row of existing.values()) row.remove();
+}
+
+function modelRow(model, key, ctx, reload, alerts) {
+  const unload = h("button", { type: "button", class: "unload secondary", text: "Unload",
+    "aria-label": `Unload ${model.name} version ${model.version || "—"}` });
+  unload.addEventListener("click", async () => {
+    const yes = await confirmAction("Unload this model?",
+      `${model.name} version ${model.version || "—"} stops serving; requests for it will fail.`, "Unload");
+    if (!yes || !ctx.alive) return;
+    unload.disabled = true;
+    const body = { name: model.name };
+    if (model.version) body.version = model.version;
+    try {
+      await api("/ui/api/models/unload", { method: "POST", body, signal: ctx.signal });
+      row.remove();
+      reload();
+    } catch (err) {
+      if (err.name === "AbortError") return;
+      unload.disabled = false;
+      alerts.show(`Could not unload ${model.name}: ${messageOf(err)}`);
+    }
+  });
+  const row = h("tr", { "data-model": model.name, "data-version": model.version ?? "", "data-key": key },
+    h("th", { scope: "row", class: "model-name", text: model.name }),
+    h("td", { class: "model-version mono", text: model.version || "—" }),
+    h("td", {}, h("span", { class: "model-state badge" })),
+    h("td", { class: "model-task" }), h("td", { class: "model-backend" }),
+    h("td", { class: "fig-tps num" }), h("td", { class: "fig-rps num" }), h("td", { class: "fig-queue" }),
+    h("td", { class: "fig-occupancy num" }), h("td", { class: "fig-p50 num" }), h("td", { class: "fig-p99 num" }),
+    h("td", { class: "fig-ttft num" }), h("td", {}, unload));
+  return row;
+}
+
+function fillModelRow(row, model) {
+  const f = model.figures || {};
+  const badge = row.querySelector(".model-state");
+  setText(badge, model.generating ? `${model.state} · generating` : model.state);
+  badge.dataset.state = model.state;
+  setText(row.querySelector(".model-task"), model.task || "—");
+  setText(row.querySelector(".model-backend"), model.backend || "—");
+  setText(row.querySelector(".fig-tps"), fmtNum(f.tokens_per_second, 1));
+  setText(row.querySelector(".fig-rps"), fmtNum(f.requests_per_second, 2));
+  setText(row.querySelector(".fig-queue"), fmtQueue(f.queue_by_level));
+  setText(row.querySelector(".fig-occupancy"), fmtPct(f.batch_occupancy));
+  setText(row.querySelector(".fig-p50"), fmtMs(f.latency_p50_ms));
+  setText(row.querySelector(".fig-p99"), fmtMs(f.latency_p99_ms));
+  setText(row.querySelector(".fig-ttft"), isNum(f.ttft_p50_ms) || isNum(f.ttft_p99_ms)
+    ? `${fmtMs(f.ttft_p50_ms)} / ${fmtMs(f.ttft_p99_ms)}` : "—");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -940,13 +957,9 @@ function artifactsPage(main, _params, ctx) {
   const tbody = h("tbody");
   const table = h("table", { id: "artifacts-table" },
     h("caption", { class: "visually-hidden", text: "Artifacts in the registry" }),
-    h("thead", {}, h("tr", {}, ["Name", "Kind", "Version", "Aliases", "Size", "Created", "URI"]
-      .map((t) => h("th", { scope: "col", text: t })))),
+    tableHead(["Name", "Kind", "Version", "Aliases", "Size", "Created", "URI"]),
     tbody);
-  const wrap = tableWrap(table, "Artifacts");
-  wrap.hidden = true;
-  const empty = emptyState("");
-  empty.hidden = true;
+  const view = tableView(table, "Artifacts");
   const lineage = h("section", { id: "lineage", "aria-labelledby": "lineage-title" },
     h("h2", { id: "lineage-title", text: "Lineage" }),
     emptyState("Choose an artifact to see where it came from and what was made from it."));
@@ -955,7 +968,7 @@ function artifactsPage(main, _params, ctx) {
     h("h1", { tabindex: -1, text: "Artifacts" }),
     h("form", { class: "filters", onsubmit: (e) => e.preventDefault() },
       h("div", { class: "field" }, h("label", { for: "artifact-kind", text: "Kind" }), kindSelect)),
-    alerts.el, wrap, empty, lineage,
+    alerts.el, view.wrap, view.empty, lineage,
   ]);
 
   let selected = null;
@@ -978,7 +991,7 @@ function artifactsPage(main, _params, ctx) {
           h("th", { scope: "row", text: a.name || "—" }),
           h("td", { text: a.kind || "—" }),
           h("td", { class: "mono", text: a.version || "—" }),
-          h("td", {}, (a.aliases || []).length ? (a.aliases || []).map((al) => h("span", { class: "tag", text: al })) : "—"),
+          h("td", {}, a.aliases?.length ? a.aliases.map((al) => h("span", { class: "tag", text: al })) : "—"),
           h("td", { class: "num", text: fmtBytes(a.size_bytes) }),
           h("td", { text: fmtTime(a.create_time) }),
           h("td", { class: "mono uri", text: a.uri }));
@@ -986,14 +999,11 @@ function artifactsPage(main, _params, ctx) {
         markSelected(row, a.uri === selected);
         return activatable(row, () => select(a.uri));
       }));
-      wrap.hidden = !items.length;
-      empty.hidden = Boolean(items.length);
-      empty.textContent = artifactFilter.kind ? `No ${artifactFilter.kind} in the registry.` : "The registry holds no artifacts yet.";
+      view.show(items.length, artifactFilter.kind ? `No ${artifactFilter.kind} in the registry.` : "The registry holds no artifacts yet.");
     } catch (err) {
       if (err.name === "AbortError" || mine !== generation) return;
       alerts.show(`Could not load the artifacts: ${messageOf(err)}`);
-      wrap.hidden = true;
-      empty.hidden = true;
+      view.hide();
     }
   };
   kindSelect.addEventListener("change", () => { artifactFilter.kind = kindSelect.value; load(); });
@@ -1155,8 +1165,8 @@ function playgroundPage(main, _params, ctx) {
       try {
         const served = await api("/ui/api/models", { signal: ctx.signal });
         const generating = new Set((served.models || []).filter((m) => m.task === "generation").map((m) => m.name));
-        const chat = names.filter((n) => generating.has(n));
-        if (chat.length) names = chat;
+        const chatNames = names.filter((n) => generating.has(n));
+        if (chatNames.length) names = chatNames;
       } catch (err) {
         if (err.name === "AbortError") throw err;
       }
@@ -1173,6 +1183,7 @@ function playgroundPage(main, _params, ctx) {
   })();
 
   let controller = null;
+  ctx.onClose(() => controller?.abort());
   const streaming = (on) => {
     messages.dataset.streaming = String(on);
     messages.setAttribute("aria-busy", String(on));
@@ -1202,7 +1213,6 @@ function playgroundPage(main, _params, ctx) {
         ...conversation.map(({ role, content }) => ({ role, content }))],
     };
     controller = new AbortController();
-    ctx.onClose(() => controller?.abort());
     streaming(true);
     let content = "";
     let finished = false;
@@ -1269,17 +1279,15 @@ async function refreshServices() {
   const list = document.getElementById("service-status");
   try {
     const data = await api("/ui/api/services");
-    const services = data.services || [];
-    const existing = new Map([...list.children].map((li) => [li.dataset.service, li]));
-    services.forEach((svc, index) => {
-      let li = existing.get(svc.name);
-      if (!li) li = h("li", { "data-service": svc.name }, h("span", { class: "dot", "aria-hidden": "true" }), h("span", { class: "label" }));
-      existing.delete(svc.name);
-      if (li.dataset.status !== svc.status) li.dataset.status = svc.status;
-      setText(li.querySelector(".label"), `${svc.name}: ${svc.status.replace("_", " ").toLowerCase()}`);
-      if (list.children[index] !== li) list.insertBefore(li, list.children[index] || null);
+    syncChildren(list, data.services || [], {
+      keyAttr: "service",
+      keyOf: (svc) => svc.name,
+      create: (svc) => h("li", { "data-service": svc.name }, h("span", { class: "dot", "aria-hidden": "true" }), h("span", { class: "label" })),
+      update: (li, svc) => {
+        if (li.dataset.status !== svc.status) li.dataset.status = svc.status;
+        setText(li.querySelector(".label"), `${svc.name}: ${svc.status.replace("_", " ").toLowerCase()}`);
+      },
     });
-    for (const li of existing.values()) li.remove();
     list.removeAttribute("data-error");
   } catch (err) {
     if (list.dataset.error !== messageOf(err)) {
