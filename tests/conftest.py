@@ -10,12 +10,12 @@ import pytest
 from fastserve.runtime.config import Config
 from fastserve.runtime.redis_server import RedisServer
 from fastserve.runtime.stores import Stores
-from tests.support.processes import free_port
+from tests.support.processes import free_port, start_redis
 
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
-    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis")).start()
+    server = start_redis(tmp_path_factory.mktemp("redis"))
     yield server
     server.stop()
 

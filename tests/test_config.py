@@ -4,6 +4,7 @@ import pytest
 
 from fastserve.runtime.config import SERVICES, Config, describe
 from fastserve.runtime.errors import InvalidArgument
+from tests.support.rpc import field_of
 
 
 def test_defaults_run_on_one_machine(monkeypatch):
@@ -26,7 +27,7 @@ def test_environment_overrides_with_types():
 def test_bad_value_names_the_variable():
     with pytest.raises(InvalidArgument) as info:
         Config.from_env({"FASTSERVE_INFERENCE_PORT": "fifty"})
-    assert info.value.violations[0].field == "FASTSERVE_INFERENCE_PORT"
+    assert field_of(info.value) == "FASTSERVE_INFERENCE_PORT"
 
 
 def test_every_setting_is_documented_and_round_trips():
@@ -75,7 +76,7 @@ def test_client_settings_read_the_same_variables_as_the_stack():
 def test_out_of_range_setting_names_the_variable(env, value):
     with pytest.raises(InvalidArgument) as info:
         Config.from_env({env: value})
-    assert info.value.violations[0].field == env and env in info.value.message
+    assert field_of(info.value) == env and env in info.value.message
 
 
 def test_every_numeric_setting_has_a_range_its_default_is_in():
@@ -98,7 +99,7 @@ def test_every_numeric_setting_has_a_range_its_default_is_in():
 def test_tls_key_or_client_ca_without_certificate_is_refused(env, named):
     with pytest.raises(InvalidArgument) as info:
         Config.from_env(env)
-    assert info.value.violations[0].field == named
+    assert field_of(info.value) == named
     assert named in info.value.message and "FASTSERVE_TLS_CERT" in info.value.message
 
 
@@ -111,12 +112,12 @@ def test_server_tls_is_all_or_nothing(tmp_path):
     client_side = Config.from_env({"FASTSERVE_TLS_CERT": str(cert)})
     with pytest.raises(InvalidArgument) as info:
         client_side.server_tls()
-    assert info.value.violations[0].field == "FASTSERVE_TLS_KEY" and "FASTSERVE_TLS_CERT" in info.value.message
+    assert field_of(info.value) == "FASTSERVE_TLS_KEY" and "FASTSERVE_TLS_CERT" in info.value.message
     missing = Config.from_env({"FASTSERVE_TLS_CERT": str(cert), "FASTSERVE_TLS_KEY": str(key),
                                "FASTSERVE_TLS_CLIENT_CA": str(tmp_path / "none.pem")})
     with pytest.raises(InvalidArgument) as info:
         missing.server_tls()
-    assert info.value.violations[0].field == "FASTSERVE_TLS_CLIENT_CA"
+    assert field_of(info.value) == "FASTSERVE_TLS_CLIENT_CA"
     both = Config.from_env({"FASTSERVE_TLS_CERT": str(cert), "FASTSERVE_TLS_KEY": str(key)})
     assert both.server_tls() == (b"KEY", b"CERT", None)
 

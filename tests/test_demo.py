@@ -12,10 +12,12 @@ from tests.support.processes import free_port, port_open
 
 def test_the_demo_pipeline_runs_every_stage_and_serves_both_models(env, capsys):
     config = Config.from_env({**env, **{f"FASTSERVE_{s.upper()}_PORT": str(free_port()) for s in SERVICES}})
-    figures = run_demo(config, DemoPlan.quick(), keep_running=False)
+    plan = DemoPlan.quick()
+    figures = run_demo(config, plan, keep_running=False)
     out = capsys.readouterr().out
     assert [f"== {i}/6" in out for i in range(1, 7)] == [True] * 6 and "== summary" in out
-    assert math.isfinite(figures["gpt_loss"]) and figures["gpt_perplexity"] > 1
+    # An untrained model scores about the vocabulary's size; the trained one must have learnt something.
+    assert math.isfinite(figures["gpt_loss"]) and 1 < figures["gpt_perplexity"] < 0.75 * plan.vocab_size, figures
     # The quick plan trains the classifier too little to beat the majority class; `make demo` does.
     assert 0 < figures["majority"] < 1 and "accuracy" in figures
     assert figures["size_after"] < figures["size_before"] and figures["backend_after"] == "onnxruntime"

@@ -467,4 +467,4 @@ def test_import_roots_take_colons_or_commas_and_refuse_a_relative_root(tmp_path)
     assert import_roots(config) == [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
     with pytest.raises(FailedPrecondition) as info:
         import_roots(Config.from_env({"FASTSERVE_IMPORT_ROOTS": "models"}))
-    assert info.value.violations[0].field == "FASTSERVE_IMPORT_ROOTS"
+    assert field_of(info.value) == "FASTSERVE_IMPORT_ROOTS"

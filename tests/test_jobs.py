@@ -8,6 +8,8 @@ import pytest
 from fastserve.runtime import jobs as jobs_module
 from fastserve.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from fastserve.runtime.jobs import EventType, JobState, JobStore
+from tests.support.rpc import field_of
+from tests.support.waiting import wait_past, wait_until
 
 
 def test_lifecycle_events_in_order(stores):
@@ -55,10 +57,12 @@ def test_cancel_queued_is_immediate_running_is_cooperative(stores):
 def test_live_watch_sees_events_as_they_come(stores):
     jobs = stores.jobs
     job = jobs.create("training", "t", {})
-    seen = []
-    watcher = threading.Thread(target=lambda: seen.extend(jobs.events(job.job_id, block_ms=100)))
+    seen, reads = [], []
+    # `stop` is asked before each read: a second ask means the watcher has read what was there and waits live.
+    watcher = threading.Thread(target=lambda: seen.extend(
+        jobs.events(job.job_id, block_ms=100, stop=lambda: reads.append(1) and False)))
     watcher.start()
-    time.sleep(0.3)
+    wait_until(lambda: len(reads) >= 2, "the watcher to wait for live events")
     jobs.transition(job.job_id, JobState.RUNNING)
     jobs.report(job.job_id, EventType.LOG, "hello")
     jobs.transition(job.job_id, JobState.CANCELLED)
@@ -87,13 +91,13 @@ def test_bad_requests(stores):
         stores.jobs.get("missing")
     with pytest.raises(InvalidArgument) as info:
         stores.jobs.list("training", page_token="garbage!")
-    assert info.value.violations[0].field == "page.page_token"
+    assert field_of(info.value) == "page.page_token"
     with pytest.raises(InvalidArgument) as info:
         stores.jobs.list("training", page_size=-1)
-    assert info.value.violations[0].field == "page.page_size"
+    assert field_of(info.value) == "page.page_size"
     with pytest.raises(InvalidArgument) as info:
         stores.jobs.list("training", job_type="a:state:RUNNING")
-    assert info.value.violations[0].field == "filter.job_type"
+    assert field_of(info.value) == "filter.job_type"
     job = stores.jobs.create("training", "t", {})
     with pytest.raises(InvalidArgument):
         list(stores.jobs.events(job.job_id, after_event_id="nope"))
@@ -167,7 +171,7 @@ def test_finished_jobs_expire_after_the_retention(stores):
     assert 0 < jobs.redis.ttl(jobs.job_key(done.job_id)) <= 1
     assert 0 < jobs.redis.ttl(jobs.job_key(done.job_id, "events")) <= 1
     assert jobs.redis.ttl(jobs.job_key(running.job_id)) == -1
-    time.sleep(1.2)
+    wait_until(lambda: not jobs.redis.exists(jobs.job_key(done.job_id)), "the finished job to expire", timeout=5)
     with pytest.raises(NotFound):
         jobs.get(done.job_id)
     assert [j.job_id for j in jobs.list("training").jobs] == [running.job_id]
@@ -194,17 +198,19 @@ def test_lease_is_exclusive_and_expires(stores):
     from fastserve.runtime.job_lease import JobLease
 
     job = stores.jobs.create("training", "t", {})
-    first = JobLease(stores.jobs, job.job_id, ttl_seconds=0.6)
+    # TTLs of seconds, not fractions: a heartbeat every third of one is on time even on a busy machine.
+    first = JobLease(stores.jobs, job.job_id, ttl_seconds=1.5)
+    taken = time.monotonic()
     assert first.acquire()
-    time.sleep(1.0)  # renewed by its heartbeat past its TTL
-    assert not JobLease(stores.jobs, job.job_id, 0.6).acquire()
+    wait_past(taken + 1.6)  # the condition is the clock: the TTL has run out since it was taken
+    assert first.held() and not JobLease(stores.jobs, job.job_id, 1.5).acquire()  # renewed by its heartbeat
     first.release()
-    second = JobLease(stores.jobs, job.job_id, 0.3)
+    second = JobLease(stores.jobs, job.job_id, 1.5)
     assert second.acquire()
     second._stop.set()  # a runner that died: no more renewals
     second._thread.join()
-    time.sleep(0.5)
-    assert JobLease(stores.jobs, job.job_id, 0.3).acquire()
+    assert not JobLease(stores.jobs, job.job_id, 1.5).acquire()  # its last renewal still holds
+    wait_until(lambda: JobLease(stores.jobs, job.job_id, 1.5).acquire(), "the dead runner's lease to expire")
 
 
 def test_runner_skips_a_job_whose_lease_is_held(stores):

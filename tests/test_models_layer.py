@@ -39,6 +39,7 @@ from fastserve.runtime.stores import Stores
 from fastserve.services.optimization import prune
 from fastserve.services.optimization.core import Optimization
 from fastserve.services.optimization.quantize import quantize_torch
+from tests.support.rpc import field_of
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -174,7 +175,7 @@ def test_inference_and_optimization_agree_on_t5(tmp_path):
     with pytest.raises(InvalidArgument) as err:
         Optimization(stores).prepare({"model_uri": draft.ref.uri, "output_name": "t5-small",
                                       "steps": [{"type": "export", "precision": "fp32"}]})
-    assert err.value.violations[0].field == "model_uri" and "encoder-decoder" in err.value.message
+    assert field_of(err.value) == "model_uri" and "encoder-decoder" in err.value.message
 
 
 @pytest.fixture(scope="module")
@@ -243,4 +244,4 @@ def test_a_corrupt_tokenizer_file_is_a_failed_precondition(tmp_path):
     with pytest.raises(FailedPrecondition) as info:
         load_tokenizer(folder)
     assert "tokenizer.json" in info.value.message and str(tmp_path) not in info.value.message
-    assert info.value.violations[0].field == "tokenizer_uri"
+    assert field_of(info.value) == "tokenizer_uri"

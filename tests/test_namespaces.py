@@ -25,6 +25,7 @@ from fastserve.runtime.stores import Stores
 from fastserve.storage.artifacts import ArtifactStore
 from tests.conftest import private_env
 from tests.support.processes import start_service, start_worker
+from tests.support.rpc import field_of
 
 S = jobs_pb2.JobState
 
@@ -73,7 +74,7 @@ def test_explicit_namespace_joins_homes_at_different_paths(tmp_path, redis_serve
 def test_bad_namespace_names_the_variable(value):
     with pytest.raises(InvalidArgument) as info:
         Config.from_env({"FASTSERVE_NAMESPACE": value})
-    assert info.value.violations[0].field == "FASTSERVE_NAMESPACE"
+    assert field_of(info.value) == "FASTSERVE_NAMESPACE"
     assert info.value.message.startswith(f"FASTSERVE_NAMESPACE={value!r} must be")
 
 

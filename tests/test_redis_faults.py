@@ -13,7 +13,6 @@ from fastserve.common.v1 import jobs_pb2
 from fastserve.runtime.config import Config
 from fastserve.runtime.errors import Unavailable
 from fastserve.runtime.jobs import EventType, JobState, JobStore
-from fastserve.runtime.redis_server import RedisServer
 from fastserve.runtime.server import create_server
 from fastserve.runtime.stores import Stores
 from fastserve.services.preprocessing.core import Preprocessing
@@ -21,13 +20,13 @@ from fastserve.services.training.servicer import register
 from fastserve.training.v1 import training_pb2 as pb
 from fastserve.training.v1 import training_pb2_grpc
 from tests.conftest import private_env
-from tests.support.processes import free_port, start_worker
+from tests.support.processes import start_redis, start_worker
 
 
 @pytest.fixture
 def own_redis(tmp_path):
     """A redis-server of this test alone, with an append-only file, so a restart keeps the jobs."""
-    server = RedisServer(free_port(), tmp_path / "redis", persistent=True).start()
+    server = start_redis(tmp_path / "redis", persistent=True)
     yield server
     server.stop()
 

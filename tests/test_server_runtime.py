@@ -4,6 +4,7 @@ graceful shutdown. Real gRPC servers on loopback; the probe service stands in fo
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import sys
 import threading
 import time
@@ -200,9 +201,35 @@ def test_tls_and_mutual_tls(env, tmp_path):
         running.stop(0)
 
 
-def test_loopback_by_default(server):
+def _listening_on(port: int) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The local addresses of the TCP sockets listening on `port`, read from the kernel's tables (an
+    IPv4-mapped IPv6 address as its IPv4 one: gRPC may bind 127.0.0.1 through an IPv6 socket)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            for row in list(rows)[1:]:
+                local, state = row.split()[1], row.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    raw = bytes.fromhex(address)
+                    # The kernel writes each 32-bit word in host (little-endian) order.
+                    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                    ip = ipaddress.ip_address(raw)
+                    found.add(getattr(ip, "ipv4_mapped", None) or ip)
+    return found
+
+
+def test_loopback_by_default(server, config, env):
     assert Config().host == "127.0.0.1"
-    assert port_open(server.port)
+    # Only loopback listens: a server bound to every interface would show 0.0.0.0 or :: here.
+    assert _listening_on(server.port) == {ipaddress.ip_address("127.0.0.1")}
+    everywhere = create_server("inference", probe.register, Config.from_env({**env, "FASTSERVE_HOST": "0.0.0.0"}),
+                               port=0)
+    try:
+        # What the check above would catch.
+        assert {ip.is_unspecified for ip in _listening_on(everywhere.port)} == {True}
+    finally:
+        everywhere.stop(0)
 
 
 def test_sigterm_lets_in_flight_call_finish(env, log_dir):
@@ -264,7 +291,9 @@ def test_json_log_lines():
     assert entry["message"] == "failed here" and entry["request_id"] == "abc" and entry["service"] == "training"
 
 
-def test_celery_accepts_json_only_and_survives_worker_loss():
+def test_celery_settings_are_json_only_and_ask_for_redelivery_on_worker_loss():
+    # What these settings promise, a job finished by another worker after one is killed, is proven with real
+    # workers in tests/test_worker_loss.py; this checks only the settings themselves.
     from fastserve.runtime.celery_app import celery_settings
 
     settings = celery_settings(Config())

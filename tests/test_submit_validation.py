@@ -10,6 +10,7 @@ from fastserve.runtime.errors import InvalidArgument
 from fastserve.services.optimization.core import MAX_STEPS, check_steps
 from fastserve.services.preprocessing.dataset_builder import DatasetSpec
 from fastserve.services.training.spec import Hyperparameters, _check_hyper
+from tests.support.rpc import field_of as only_field
 
 EXPORT = {"type": "export", "precision": "fp32"}
 
@@ -17,7 +18,7 @@ EXPORT = {"type": "export", "precision": "fp32"}
 def field_of(call, *args) -> str:
     with pytest.raises(InvalidArgument) as caught:
         call(*args)
-    return caught.value.violations[0].field
+    return only_field(caught.value)
 
 
 @pytest.mark.parametrize(("steps", "field"), [

@@ -21,7 +21,7 @@ from tests.support.rpc import field_of
 def _refused(message) -> str:
     with pytest.raises(InvalidArgument) as info:
         check_request(message)
-    return info.value.violations[0].field
+    return field_of(info.value)
 
 
 def _nested(depth: int) -> struct_pb2.Struct:

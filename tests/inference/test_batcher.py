@@ -9,18 +9,22 @@ import pytest
 
 from fastserve.runtime.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from fastserve.services.inference.batcher import BatchingSettings, DynamicBatcher
+from tests.support.waiting import wait_past
 
 
 class Recorder:
-    """A batch runner that records its batches; `gate` holds the first batch until released."""
+    """A batch runner that records its batches; `gate` holds the first batch until released, and `taken` says
+    the worker has one in hand."""
 
     def __init__(self, delay: float = 0.0) -> None:
         self.batches: list[list] = []
         self.delay = delay
         self.gate = threading.Event()
         self.gate.set()
+        self.taken = threading.Event()
 
     def __call__(self, payloads):
+        self.taken.set()
         self.gate.wait(5)
         self.batches.append(list(payloads))
         time.sleep(self.delay)
@@ -54,7 +58,7 @@ def test_full_queue_refuses_at_once():
     run.gate.clear()
     b = batcher(run, max_batch_size=1, max_queue_size=3, max_queue_delay_us=0)
     first = b.submit("running", 1, 1)
-    time.sleep(0.05)  # the worker holds it
+    assert run.taken.wait(5), "the worker never took the first request"
     queued = [b.submit(i, 1, 1) for i in range(3)]
     start = time.monotonic()
     with pytest.raises(ResourceExhausted):
@@ -70,12 +74,13 @@ def test_expired_and_cancelled_work_is_dropped_before_compute():
     run.gate.clear()
     b = batcher(run, max_batch_size=1, max_queue_delay_us=0)
     blocker = b.submit("blocker", 1, 1)
-    time.sleep(0.05)
-    late = b.submit("late", 1, 1, deadline=time.monotonic() + 0.01)
+    assert run.taken.wait(5), "the worker never took the first request"
+    deadline = time.monotonic() + 0.01
+    late = b.submit("late", 1, 1, deadline=deadline)
     gone = b.submit("gone", 1, 1)
     assert gone.cancel()
     kept = b.submit("kept", 1, 1)
-    time.sleep(0.05)
+    wait_past(deadline)  # `late` expires in the queue, behind the blocker
     run.gate.set()
     with pytest.raises(DeadlineExceeded):
         late.result(5)
@@ -89,7 +94,7 @@ def test_priority_and_length_bucketing():
     run.gate.clear()
     b = batcher(run, max_batch_size=2, max_queue_delay_us=0)
     b.submit("blocker", 1, 1)
-    time.sleep(0.05)
+    assert run.taken.wait(5), "the worker never took the first request"
     futures = [b.submit(name, 1, length, priority) for name, length, priority in
                [("short-a", 5, 0), ("long-a", 200, 0), ("short-b", 6, 0), ("urgent", 190, 9), ("long-b", 210, 0)]]
     run.gate.set()
@@ -129,10 +134,11 @@ def test_work_both_cancelled_and_expired_does_not_stop_the_worker():
     run.gate.clear()
     b = batcher(run, max_batch_size=1, max_queue_delay_us=0)
     b.submit("blocker", 1, 1)
-    time.sleep(0.05)
-    doomed = b.submit("doomed", 1, 1, deadline=time.monotonic() + 0.001)
+    assert run.taken.wait(5), "the worker never took the first request"
+    deadline = time.monotonic() + 0.001
+    doomed = b.submit("doomed", 1, 1, deadline=deadline)
     doomed.cancel()
-    time.sleep(0.01)
+    wait_past(deadline)
     run.gate.set()
     assert b.submit("after", 1, 1).result(5) == "done:after"
     b.drain()

@@ -28,6 +28,7 @@ from fastserve.services.inference.repository import (
 from fastserve.services.inference.sampling_params import SamplingParams
 from fastserve.services.inference.servicer import settings_from_proto
 from fastserve.storage.artifacts import ArtifactStore
+from tests.support.rpc import field_of
 
 
 @pytest.mark.parametrize("params,field", [
@@ -57,7 +58,7 @@ from fastserve.storage.artifacts import ArtifactStore
 def test_sampling_values_out_of_bounds_are_refused_naming_the_field(params, field):
     with pytest.raises(InvalidArgument) as error:
         params.validate()
-    assert error.value.violations[0].field == field
+    assert field_of(error.value) == field
 
 
 def test_sampling_values_within_bounds_pass():
@@ -90,7 +91,7 @@ def infer(**parameters) -> kpb.ModelInferRequest:
 def test_malformed_kserve_parameters_name_the_parameter(parameters, field):
     with pytest.raises(InvalidArgument) as error:
         _generation_request(infer(**parameters), "hi", None)
-    assert error.value.violations[0].field == field
+    assert field_of(error.value) == field
 
 
 def test_kserve_parameters_parse_as_numbers_and_lists():
@@ -119,7 +120,7 @@ def test_kserve_parameters_parse_as_numbers_and_lists():
 def test_model_settings_out_of_bounds_are_refused_at_load(config, field):
     with pytest.raises(InvalidArgument) as error:
         settings_from_proto(config)
-    assert error.value.violations[0].field == field
+    assert field_of(error.value) == field
 
 
 def test_unicode_digits_are_not_versions(tmp_path):
@@ -128,10 +129,10 @@ def test_unicode_digits_are_not_versions(tmp_path):
     for version in ("²", "١", "x" * 33, "a/b", "1\n"):
         with pytest.raises(InvalidArgument) as error:
             repository.load("m", version=version)
-        assert error.value.violations[0].field == "version"
+        assert field_of(error.value) == "version"
     with pytest.raises(InvalidArgument) as error:
         repository.load("bad name")
-    assert error.value.violations[0].field == "name"
+    assert field_of(error.value) == "name"
     # A version that slipped in (say from an older server's state) still lists.
     repository.models["m"] = {v: LoadedModel("m", v, "", ModelSettings(), ModelSettings(), State.FAILED)
                               for v in ("²", "3", "10")}
@@ -226,7 +227,7 @@ def test_the_kv_cache_of_a_model_is_bounded_as_a_whole(repository):
     bounded = ModelRepository(repository.artifacts, max_kv_bytes=4 * 2**20)
     with pytest.raises(InvalidArgument) as error:  # the defaults: 32 resident + 32 host slots = 16 MiB
         bounded.load("kv", "artifact://models/tiny-gpt/latest")
-    assert error.value.violations[0].field == "config.generation.kv_slots"
+    assert field_of(error.value) == "config.generation.kv_slots"
     assert "0.02 GiB (32 resident + 32 host slots of 0.2 MiB)" in error.value.message
     assert "FASTSERVE_INFERENCE_KV_CACHE_GB" in error.value.message
     small = dataclasses.replace(ModelSettings(), generation=GenerationSettings(max_batch_size=4, host_slots=4))

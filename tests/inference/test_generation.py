@@ -12,9 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import httpx
 import psutil
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -22,9 +24,10 @@ from fastserve.inference.v1 import inference_pb2 as pb
 from fastserve.inference.v1 import inference_pb2_grpc
 from fastserve.kserve.v2 import grpc_service_pb2 as kpb
 from fastserve.storage.artifacts import ArtifactStore
-from tests.support.processes import start_inference
+from tests.support.processes import free_port, start_inference
 from tests.support.rpc import field_of, from_raw_bytes, raw_bytes
 from tests.support.tiny_models import build_causal_lm, build_seq2seq
+from tests.support.waiting import wait_until
 
 PROMPTS = ["Return the number of", "Create a new", "This module provides", "If the file", "x"]
 FAMILIES = ("gpt2", "llama", "t5")  # t5: an encoder-decoder
@@ -43,14 +46,33 @@ def home(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(home, tmp_path_factory):
-    proc = start_inference(home, tmp_path_factory.mktemp("l") / "inf.log", FASTSERVE_INFERENCE_MODELS="none")
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(home, tmp_path_factory, metrics_port):
+    proc = start_inference(home, tmp_path_factory.mktemp("l") / "inf.log", FASTSERVE_INFERENCE_MODELS="none",
+                           FASTSERVE_INFERENCE_METRICS_PORT=str(metrics_port))
     with grpc.insecure_channel(proc.target) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         for family in FAMILIES:
             stub.LoadModel(pb.LoadModelRequest(name=family, model_uri=f"artifact://models/tiny-{family}/1"))
     yield proc
     proc.stop()
+
+
+def statistics(stub, name: str) -> pb.ModelStatistics:
+    return stub.GetModelStatistics(pb.GetModelStatisticsRequest(name=name)).stats[0]
+
+
+def waiting(metrics_port: int, model: str) -> float:
+    """Sequences of `model` not running in the engine's latest step, from the server's Prometheus page."""
+    page = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    return sum(sample.value for family in text_string_to_metric_families(page)
+               if family.name == "fastserve_generation_queue_length"
+               # The engine's series name the model with its version: `one-slot/1`.
+               for sample in family.samples if sample.labels.get("model", "").split("/")[0] == model)
 
 
 def load(stub, name: str, family: str = "gpt2", **config) -> None:
@@ -94,6 +116,7 @@ def prompt_ids(home, family: str, text: str) -> list[int]:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_decoding_matches_transformers_generate_under_concurrency(home, stub, family):
     requests = [greedy(p, 12 + 9 * i, model=family) for i, p in enumerate(PROMPTS)] * 3
+    before = statistics(stub, family).batch_sizes  # the model is shared: count this test's steps alone
     with ThreadPoolExecutor(len(requests)) as pool:
         replies = list(pool.map(stub.Generate, requests))
     references = {}  # each distinct request once: the requests repeat three times
@@ -108,8 +131,9 @@ def test_greedy_decoding_matches_transformers_generate_under_concurrency(home, s
         assert reply.usage.prompt_tokens == len(ids)
         assert reply.finish_reason == (pb.FINISH_REASON_LENGTH if len(expected) == request.sampling.max_new_tokens
                                        else pb.FINISH_REASON_EOS)
-    stats = stub.GetModelStatistics(pb.GetModelStatisticsRequest(name=family)).stats[0]
-    assert max(stats.batch_sizes) > 1  # sequences really shared decode steps
+    after = statistics(stub, family).batch_sizes
+    shared = {size: n - before.get(size, 0) for size, n in after.items() if size > 1 and n > before.get(size, 0)}
+    assert shared, (dict(before), dict(after))  # sequences really shared decode steps
 
 
 def test_token_id_prompts_and_text_prompts_agree(home, stub):
@@ -160,17 +184,24 @@ def test_sampling_is_reproducible_with_a_seed(stub):
     assert len({tuple(sample(seed)) for seed in range(4)}) > 1
 
 
-def test_cancelling_a_stream_frees_its_slot_for_a_queued_request(stub):
+def test_cancelling_a_stream_frees_its_slot_for_a_queued_request(stub, metrics_port):
     load(stub, "one-slot", max_batch_size=1)
     stream = stub.GenerateStream(pb.GenerateStreamRequest(model="one-slot", text=PROMPTS[0],
                                                           sampling=pb.SamplingParams(max_new_tokens=1000)))
     next(stream)  # the long generation holds the only slot
     queued = stub.Generate.future(greedy(PROMPTS[1], 5, model="one-slot"), timeout=60)
-    time.sleep(0.2)
+    # Read on while polling: a stream nobody reads holds the engine back (its output is bounded).
+    wait_until(lambda: next(stream) and waiting(metrics_port, "one-slot") == 1,
+               "the second request to wait for the slot")
+    seen = time.monotonic()
+    for _ in range(20):
+        next(stream)  # the stream goes on while the request waits
     assert not queued.done()
+    held = time.monotonic() - seen
     stream.cancel()
     reply = queued.result()
-    assert reply.usage.completion_tokens == 5 and reply.usage.queue_time_ms >= 150  # waited for the slot
+    # It waited at least from when it was seen waiting until the stream gave up the slot.
+    assert reply.usage.completion_tokens == 5 and reply.usage.queue_time_ms >= held * 1e3
     with pytest.raises(grpc.RpcError) as error:
         list(stream)
     assert error.value.code() == grpc.StatusCode.CANCELLED
@@ -187,7 +218,9 @@ def test_a_short_job_behind_a_long_one_finishes_first_only_with_mlfq(stub, polic
     done: list[str] = []
     long_call = stub.Generate.future(greedy(PROMPTS[0], 1000, model=name), timeout=120)
     long_call.add_done_callback(lambda _: done.append("long"))
-    time.sleep(0.2)  # the long job is running and has used up its first quanta
+    # Quanta of 8, 16 and 32 tokens: past 64 generated tokens the long job has left the top levels.
+    wait_until(lambda: statistics(stub, name).inference_count >= 64, "the long job to use up its first quanta",
+               timeout=60)
     short = stub.Generate(greedy(PROMPTS[1], 4, model=name), timeout=120)
     done.append("short")
     long_reply = long_call.result()

@@ -129,7 +129,7 @@ def test_folders_are_seq2seq_with_start_and_end_tokens_from_their_configs(folder
         assert usage.prompt_tokens == len(source)
         with pytest.raises(InvalidArgument) as refused:
             gen.prompt_ids(GenerationRequest(token_ids=[5] * (gen.max_prompt + 1)))
-        assert refused.value.violations[0].field == "token_ids.ids"
+        assert field_of(refused.value) == "token_ids.ids"
     finally:
         gen.drain()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -18,6 +17,7 @@ from fastserve.models.refs import BUILTIN_MODELS
 from fastserve.storage.artifacts import ArtifactStore
 from tests.support.processes import start_inference
 from tests.support.rpc import field_of, raw_bytes
+from tests.support.waiting import wait_until
 
 MODEL = "all-MiniLM-L6-v2"
 TEXTS = ["FastServe batches requests on the accelerator.", "hello world", "Ünïcödé text, too!",
@@ -152,9 +152,10 @@ def test_version_swap_under_load_loses_no_request(stub, kserve):
     threads = [threading.Thread(target=client) for _ in range(8)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    wait_until(lambda: len(versions) >= 16, "requests served by version 1", timeout=60)
     stub.LoadModel(pb.LoadModelRequest(name="minilm", model_uri="artifact://models/minilm/2"))
-    time.sleep(1.0)
+    swapped = len(versions)
+    wait_until(lambda: versions[swapped:].count("2") >= 16, "requests served by version 2", timeout=60)
     stop.set()
     for t in threads:
         t.join()

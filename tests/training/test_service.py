@@ -9,7 +9,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -28,6 +27,7 @@ from fastserve.training.v1 import training_pb2_grpc
 from tests.conftest import private_env
 from tests.support.processes import start_service, start_worker
 from tests.support.rpc import field_of
+from tests.support.waiting import wait_until
 
 S = jobs_pb2.JobState
 STDLIB = {"builtin": {"name": "stdlib-docstrings", "seed": 0, "max_documents": 2500}}
@@ -187,7 +187,8 @@ def test_killed_worker_resumes_from_its_checkpoint(stub, env, stores, datasets, 
 def test_two_jobs_on_one_worker_queue_and_both_finish(stub, worker, datasets):
     first = stub.SubmitTrainingJob(gpt(datasets, steps=40)).job
     second = stub.SubmitTrainingJob(gpt(datasets, steps=40)).job
-    time.sleep(0.5)
+    wait_until(lambda: stub.GetJob(pb.GetJobRequest(job_id=first.job_id)).job.state == S.JOB_STATE_RUNNING,
+               "the worker to take the first job", timeout=60)
     assert stub.GetJob(pb.GetJobRequest(job_id=second.job_id)).job.state == S.JOB_STATE_QUEUED
     watch(stub, second.job_id)
     a, b = finished(stub, first.job_id), finished(stub, second.job_id)

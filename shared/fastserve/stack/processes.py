@@ -195,6 +195,10 @@ def http_health(url: str, tls_ca: str = "", timeout: float = 2.0) -> str:
     """`SERVING` when `GET url` answers 200, `NOT_SERVING` for another HTTP status, `UNREACHABLE` when
     nothing answers; an https URL is checked against `tls_ca` (the stack's own certificate)."""
     context = ssl.create_default_context(cafile=tls_ca or None) if url.startswith("https:") else None
+    if context and tls_ca:
+        # The certificate itself is the trust anchor, as for gRPC: without this OpenSSL accepts only a
+        # self-signed one, and a CA-signed server certificate never reads as healthy.
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     try:
         with urllib.request.urlopen(url, timeout=timeout, context=context) as reply:
             return "SERVING" if reply.status == 200 else "NOT_SERVING"

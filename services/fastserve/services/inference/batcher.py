@@ -69,8 +69,13 @@ Observer = Callable[[list["Work"], float], None]  # (batch, compute seconds)
 
 class DynamicBatcher:
     def __init__(self, name: str, run: BatchRunner, settings: BatchingSettings,
-                 observe: Observer = lambda batch, seconds: None) -> None:
+                 observe: Observer = lambda batch, seconds: None,
+                 compute: Callable[..., Any] = lambda fn, *args: fn(*args)) -> None:
         self.name, self.run, self.settings, self.observe = name, run, settings, observe
+        # Where a taken batch is checked and run (the process's compute thread, compute.py): there it may
+        # wait behind other models' work, so its callers' deadlines and cancels are checked when it gets
+        # its turn, not when it was taken.
+        self.compute = compute
         self.max_batch = settings.max_batch_size if settings.enabled else 1
         self.delay = settings.max_queue_delay_us / 1e6 if settings.enabled else 0.0
         self.gap = min(self.delay, ARRIVAL_GAP)
@@ -133,7 +138,7 @@ class DynamicBatcher:
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
             try:
-                self._execute(batch)
+                self.compute(self._execute, batch)
             except Exception:  # noqa: BLE001 - the worker must outlive any one batch
                 log.exception("batch bookkeeping failed in %s", self.name)
 

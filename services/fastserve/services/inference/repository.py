@@ -213,7 +213,7 @@ class ModelRepository:
                 entry.backend = on_loader_thread(open_backend, folder, entry.settings.backend, entry.settings.task,
                                                  entry.settings.dtype)
                 entry.batcher = DynamicBatcher(f"{name}/{version}", _runner(entry.backend),
-                                               entry.settings.batching, entry.observe)
+                                               entry.settings.batching, entry.observe, compute=on_compute_thread)
                 encoded = entry.backend.encoder.encode(["warm up the model"], truncate=True)
                 entry.batcher.submit(encoded.ids, 1, encoded.longest).result(timeout=120)
         except FastServeError as exc:

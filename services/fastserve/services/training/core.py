@@ -155,12 +155,14 @@ class Training:
         validation = SplitView(prepared.reader, "validation")
         trainer = Trainer(model, spec.task, spec.hyper, SplitView(prepared.reader, "train"),
                           validation if validation.rows else None, prepared.data.pad_id, device, rank, world)
+        # Each rank's dropout stream; a checkpoint's RNG states replace it, so that a resumed run draws the
+        # masks the uninterrupted run would have (seeding after the resume threw them away).
+        torch.manual_seed(spec.hyper.seed + rank)
         # Its own checkpoint first: a resumed job whose worker died goes on from where it got to.
         checkpoint = self.latest_checkpoint(job_id) or self._resume_checkpoint(spec)
         if checkpoint is not None:
             trainer.resume(checkpoint)
             log.info("job %s resumes from step %d", job_id, trainer.step)
-        torch.manual_seed(spec.hyper.seed + rank + trainer.step)
         outcome = trainer.run(hooks)
         outcome.metrics["resumed_from_step"] = int(checkpoint.name) if checkpoint else 0
         return model, outcome

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from transformers import get_scheduler
 
 from fastserve.runtime.errors import FailedPrecondition
-from fastserve.services.training.checkpoint import load_checkpoint, save_checkpoint
+from fastserve.services.training.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from fastserve.services.training.data import Position, Sampler, SplitView, to_batch, tokens_in
 from fastserve.services.training.spec import Hyperparameters
 
@@ -90,6 +90,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.last_train: dict[str, Any] = {}
         self.last_eval: dict[str, Any] = {}
+        self._rng: dict[str, torch.Tensor] = {}
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -99,10 +100,25 @@ class Trainer:
                 "bad_evals": self.bad_evals, "scheduler": self.scheduler.state_dict(), "history": self.history}
 
     def save(self, folder: Path) -> None:
-        save_checkpoint(folder, self.model, self.optimizer, self.state())
+        save_checkpoint(folder, self.model, self.optimizer, self.state(), self._rng)
+
+    def _checkpoint(self, hooks: Hooks) -> str:
+        """Checkpoint this step; every rank calls it at the same step, as it gathers every rank's RNG states
+        for rank 0 to save (each rank draws its own dropout masks, and must go on with them after a resume)."""
+        mine = rng_state(self.device)
+        if self.world == 1:
+            self._rng = {f"{k}.0": v for k, v in mine.items()}
+        else:
+            self._rng = {}
+            for key, state in mine.items():
+                local = state.to(self.device)  # NCCL gathers device tensors only
+                parts = [torch.empty_like(local) for _ in range(self.world)]
+                dist.all_gather(parts, local)
+                self._rng.update({f"{key}.{r}": part.cpu() for r, part in enumerate(parts)})
+        return hooks.checkpoint(self.step, self.save) if self.rank == 0 else ""
 
     def resume(self, folder: Path) -> None:
-        state = load_checkpoint(folder, self.model, self.optimizer)
+        state = load_checkpoint(folder, self.model, self.optimizer, self.rank)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.tokens = state["step"], state["tokens"]
         self.position = Position(state["epoch"], state["batch"])
@@ -132,8 +148,7 @@ class Trainer:
         early = False
         while self.step < self.total_steps:
             if self._stop_requested(hooks):
-                uri = hooks.checkpoint(self.step, self.save) if self.rank == 0 else ""
-                raise Stopped(self.step, uri)
+                raise Stopped(self.step, self._checkpoint(hooks))
             self.model.train()
             epoch_before = self.position.epoch
             step_loss = 0.0
@@ -182,8 +197,8 @@ class Trainer:
                 early = self._evaluate(hooks) or early
                 if early:
                     break
-            if self.rank == 0 and self.step % self.hyper.checkpoint_interval_steps == 0 and not last:
-                hooks.checkpoint(self.step, self.save)
+            if self.step % self.hyper.checkpoint_interval_steps == 0 and not last:
+                self._checkpoint(hooks)
         seconds = time.perf_counter() - loop_start
         return Outcome(self.step, {**self.last_train, **self.last_eval, "train_seconds": seconds,
                                    "run_tokens": self.tokens - start_tokens}, early, self.history)
