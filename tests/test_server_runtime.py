@@ -3,7 +3,6 @@ graceful shutdown. Real gRPC servers on loopback; the probe service stands in fo
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import sys
 import threading
@@ -22,6 +21,7 @@ from fastserve.runtime.channels import open_channel
 from fastserve.runtime.config import Config
 from fastserve.runtime.server import create_server
 from tests.support import probe
+from tests.support.pki import issue
 from tests.support.processes import free_port, port_open, spawn, wait_serving
 
 
@@ -147,34 +147,13 @@ def test_bearer_token(env):
         running.stop(0)
 
 
-def _certificate(tmp_path, name: str, issuer=None):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    issuer_cert, issuer_key = issuer or (None, key)
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(subject)
-            .issuer_name(issuer_cert.subject if issuer_cert else subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
-            .sign(issuer_key, hashes.SHA256()))
-    cert_path, key_path = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert, key, str(cert_path), str(key_path)
-
-
 def test_tls_and_mutual_tls(env, tmp_path):
-    ca_cert, ca_key, ca_path, _ = _certificate(tmp_path, "ca")
-    _, _, server_cert, server_key = _certificate(tmp_path, "localhost", (ca_cert, ca_key))
-    _, _, client_cert, client_key = _certificate(tmp_path, "client", (ca_cert, ca_key))
+    from cryptography import x509
+
+    localhost = (x509.DNSName("localhost"),)
+    ca_cert, ca_key, ca_path, _ = issue(tmp_path, "ca", sans=localhost)
+    _, _, server_cert, server_key = issue(tmp_path, "localhost", (ca_cert, ca_key), sans=localhost)
+    _, _, client_cert, client_key = issue(tmp_path, "client", (ca_cert, ca_key), sans=localhost)
     tls = Config.from_env({**env, "FASTSERVE_TLS_CERT": server_cert, "FASTSERVE_TLS_KEY": server_key})
     running = create_server("inference", probe.register, tls, port=0)
     trust_ca = Config.from_env({**env, "FASTSERVE_TLS_CERT": ca_path})

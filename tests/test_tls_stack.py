@@ -6,7 +6,6 @@ Real processes on loopback; certificates made here with `cryptography`."""
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import json
 import sys
@@ -23,6 +22,7 @@ from fastserve.client.channels import health_status, make_channel
 from fastserve.runtime.config import SERVICES
 from fastserve.stack.processes import HTTP_SERVICES
 from tests.support import probe
+from tests.support.pki import issue
 from tests.support.processes import Proc, free_port, spawn
 from tests.test_stack import _fastserve
 
@@ -42,43 +42,17 @@ class Pki:
     stranger_key: str
 
 
-def _issue(folder: Path, name: str, issuer=None, sans=()) -> tuple:
-    """A certificate for `name` signed by `issuer` (cert, key), or a self-signed CA without one."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    issuer_cert, issuer_key = issuer or (None, key)
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder().subject_name(subject)
-               .issuer_name(issuer_cert.subject if issuer_cert else subject)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True))
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
-    cert = builder.sign(issuer_key, hashes.SHA256())
-    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert, key, str(cert_path), str(key_path)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Pki:
     from cryptography import x509
 
     folder = tmp_path_factory.mktemp("pki")
-    ca = _issue(folder, "test-ca")
-    server = _issue(folder, "server", ca[:2],
+    ca = issue(folder, "test-ca")
+    server = issue(folder, "server", ca[:2],
                     sans=(x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")))
-    client = _issue(folder, "client", ca[:2])
-    stranger_ca = _issue(folder, "stranger-ca")
-    stranger = _issue(folder, "stranger", stranger_ca[:2])
+    client = issue(folder, "client", ca[:2])
+    stranger_ca = issue(folder, "stranger-ca")
+    stranger = issue(folder, "stranger", stranger_ca[:2])
     return Pki(ca[2], server[2], server[3], client[2], client[3], stranger_ca[2], stranger[2], stranger[3])
 
 
