@@ -15,8 +15,8 @@ import pytest
 from fastserve.client import ClientError, FastServeClient, RetryPolicy, sampling_params
 from fastserve.runtime.config import Config
 from tests.support import scripted
+from tests.support.pki import issue
 from tests.support.processes import free_port
-from tests.test_server_runtime import _certificate
 
 MINILM = "all-MiniLM-L6-v2"
 NO_JITTER = RetryPolicy(attempts=4, initial_backoff=0.1, multiplier=2.0, max_backoff=1.0, jitter=0.0)
@@ -182,8 +182,8 @@ def test_bearer_token(tmp_path):
 
 
 def test_tls(tmp_path):
-    ca_cert, ca_key, ca_path, _ = _certificate(tmp_path, "ca")
-    _, _, server_cert, server_key = _certificate(tmp_path, "localhost", (ca_cert, ca_key))
+    ca_cert, ca_key, ca_path, _ = issue(tmp_path, "ca")
+    _, _, server_cert, server_key = issue(tmp_path, "localhost", (ca_cert, ca_key))
     config = Config.from_env({"FASTSERVE_HOME": str(tmp_path), "FASTSERVE_TLS_CERT": server_cert,
                               "FASTSERVE_TLS_KEY": server_key})
     running = scripted.serve(scripted.ScriptedInference(), config)

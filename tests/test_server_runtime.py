@@ -148,12 +148,9 @@ def test_bearer_token(env):
 
 
 def test_tls_and_mutual_tls(env, tmp_path):
-    from cryptography import x509
-
-    localhost = (x509.DNSName("localhost"),)
-    ca_cert, ca_key, ca_path, _ = issue(tmp_path, "ca", sans=localhost)
-    _, _, server_cert, server_key = issue(tmp_path, "localhost", (ca_cert, ca_key), sans=localhost)
-    _, _, client_cert, client_key = issue(tmp_path, "client", (ca_cert, ca_key), sans=localhost)
+    ca_cert, ca_key, ca_path, _ = issue(tmp_path, "ca")
+    _, _, server_cert, server_key = issue(tmp_path, "localhost", (ca_cert, ca_key))
+    _, _, client_cert, client_key = issue(tmp_path, "client", (ca_cert, ca_key))
     tls = Config.from_env({**env, "FASTSERVE_TLS_CERT": server_cert, "FASTSERVE_TLS_KEY": server_key})
     running = create_server("inference", probe.register, tls, port=0)
     trust_ca = Config.from_env({**env, "FASTSERVE_TLS_CERT": ca_path})

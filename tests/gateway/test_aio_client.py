@@ -21,7 +21,7 @@ from fastserve.runtime.config import Config
 from fastserve.services.gateway.request_ids import call_metadata
 from tests.gateway.conftest import BUSY, CHAT, EMBED
 from tests.support import scripted
-from tests.test_server_runtime import _certificate
+from tests.support.pki import issue
 
 LONG = 1000
 
@@ -106,8 +106,8 @@ def test_the_bearer_token_on_a_plaintext_channel_and_over_tls(tmp_path):
                 await client.generate("scripted", "x", timeout=10)
             return info.value
 
-    ca_cert, ca_key, ca_path, _ = _certificate(tmp_path, "ca")
-    _, _, server_cert, server_key = _certificate(tmp_path, "localhost", (ca_cert, ca_key))
+    ca_cert, ca_key, ca_path, _ = issue(tmp_path, "ca")
+    _, _, server_cert, server_key = issue(tmp_path, "localhost", (ca_cert, ca_key))
     plain = Config.from_env({"FASTSERVE_HOME": str(tmp_path / "a"), "FASTSERVE_AUTH_TOKEN": "s3cret"})
     tls = Config.from_env({"FASTSERVE_HOME": str(tmp_path / "b"), "FASTSERVE_AUTH_TOKEN": "s3cret",
                            "FASTSERVE_TLS_CERT": server_cert, "FASTSERVE_TLS_KEY": server_key})

@@ -6,14 +6,16 @@ import datetime
 from pathlib import Path
 
 
-def issue(folder: Path, name: str, issuer: tuple | None = None, sans: tuple = ()) -> tuple:
+def issue(folder: Path, name: str, issuer: tuple | None = None, sans: tuple | None = None) -> tuple:
     """A certificate for `name` signed by `issuer` (its cert, key), or a self-signed CA without one; `sans`
-    are x509 GeneralNames. Returns (cert, key, cert path, key path), the files PEM."""
+    are x509 GeneralNames (by default the DNS name localhost, as tests reach servers on loopback). Returns
+    (cert, key, cert path, key path), the files PEM."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
+    sans = (x509.DNSName("localhost"),) if sans is None else sans
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     issuer_cert, issuer_key = issuer or (None, key)
