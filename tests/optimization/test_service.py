@@ -113,8 +113,8 @@ def test_a_running_job_cancelled_passes_through_cancelling_and_registers_nothing
                "the worker to start the job", timeout=120)
     cancelling = stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id)).job
     assert cancelling.state == S.JOB_STATE_CANCELLING
-    states = [e.state for e in stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), timeout=300)
-              if e.type == jobs_pb2.JOB_EVENT_TYPE_STATE]
+    states = [r.event.state for r in stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), timeout=300)
+              if r.event.type == jobs_pb2.JOB_EVENT_TYPE_STATE]
     assert states[-2:] == [S.JOB_STATE_CANCELLING, S.JOB_STATE_CANCELLED], states
     assert stub.GetJob(pb.GetJobRequest(job_id=job.job_id)).job.state == S.JOB_STATE_CANCELLED
     assert stores.artifacts.versions("models", "never") == []
