@@ -3,6 +3,7 @@ machine's 6379), service processes, Celery workers. All are torn down after."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,14 @@ from fastserve.runtime.config import Config
 from fastserve.runtime.redis_server import RedisServer
 from fastserve.runtime.stores import Stores
 from tests.support.processes import free_port, start_redis
+
+
+def pytest_configure(config) -> None:
+    # A suite started in the background (`make test &`, nohup) inherits an ignored SIGINT, and every child
+    # it starts would too (an ignored signal survives exec): the tests that press Ctrl-C on a child need it
+    # to arrive, as it does from a terminal.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
