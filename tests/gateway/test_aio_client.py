@@ -6,11 +6,9 @@ plaintext channel and over TLS."""
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 
 import grpc
-import httpx
 import pytest
 
 from fastserve.client import ClientError, FastServeClient, RetryPolicy, sampling_params
@@ -21,6 +19,7 @@ from fastserve.runtime.config import Config
 from fastserve.services.gateway.request_ids import call_metadata
 from tests.gateway.conftest import BUSY, CHAT, EMBED
 from tests.support import scripted
+from tests.support.metrics import metric
 from tests.support.pki import issue
 
 LONG = 1000
@@ -69,9 +68,7 @@ def test_unary_calls_map_errors_and_stream_the_same_tokens(inference, grpc_clien
 
 
 def _generated(metrics_port: int) -> float:
-    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
-    found = re.search(r'^fastserve_generation_tokens_total\{model="' + BUSY + r'/[^}]*\} (\S+)$', text, re.M)
-    return float(found.group(1)) if found else 0.0
+    return metric(f"http://127.0.0.1:{metrics_port}/metrics", "fastserve_generation_tokens_total", model=f"{BUSY}/1")
 
 
 def test_cancelling_a_stream_stops_the_generation(inference, metrics_port, grpc_client):

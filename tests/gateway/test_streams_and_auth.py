@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 
@@ -14,16 +13,14 @@ from openai import OpenAI
 from fastserve.client import sampling_params
 from fastserve.inference.v1 import inference_pb2 as pb
 from tests.gateway.conftest import BUSY, CHAT, TOKEN
+from tests.support.metrics import metric
 
 LONG = 1000  # with the one-token prompt, within the model's 1024-token window
 PROMPT = [5]
 
 
 def generated_tokens(metrics_port: int, model: str) -> float:
-    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
-    found = re.search(r'^fastserve_generation_tokens_total\{model="' + model + r'/[^}]*\} (\S+)$', text, re.M)
-    assert found, "\n".join(line for line in text.splitlines() if "generation_tokens_total{" in line)
-    return float(found.group(1))
+    return metric(f"http://127.0.0.1:{metrics_port}/metrics", "fastserve_generation_tokens_total", model=f"{model}/1")
 
 
 def test_a_disconnect_frees_the_slot(base_url, openai_client, grpc_client, metrics_port):

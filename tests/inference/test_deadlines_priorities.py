@@ -14,14 +14,13 @@ import shutil
 import time
 
 import grpc
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from fastserve.inference.v1 import inference_pb2 as pb
 from fastserve.kserve.v2 import grpc_service_pb2 as kpb
 from fastserve.models.refs import BUILTIN_MODELS
 from fastserve.storage.artifacts import ArtifactStore
+from tests.support.metrics import metric
 from tests.support.processes import free_port, start_inference
 from tests.support.rpc import raw_bytes
 from tests.support.waiting import wait_until
@@ -169,14 +168,6 @@ def test_a_request_whose_deadline_passed_while_it_waited_is_not_computed(stub, k
     assert after.inference_count - before.inference_count == slow_here * len(SLOW) + 1
 
 
-def gauge(url: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
-
-
 def generate(stub, tokens: int, priority: int = 0):
     return stub.Generate.future(pb.GenerateRequest(model="gpt", text="hello", priority=priority,
                                                    sampling=pb.SamplingParams(max_new_tokens=tokens)), timeout=WAIT)
@@ -188,7 +179,7 @@ def test_higher_priority_generation_runs_before_lower_priority_queued_earlier(st
     next(long)  # it runs: the model steps one sequence at a time
     low = generate(stub, 8)
     # The scheduler holds it, not running: queued behind the long one, before the high-priority one.
-    wait_until(lambda: gauge(metrics_url, "fastserve_generation_queue_length", model="gpt/1", level="0") >= 1,
+    wait_until(lambda: metric(metrics_url, "fastserve_generation_queue_length", model="gpt/1", level="0") >= 1,
                "the low-priority request to queue", timeout=WAIT)
     high = generate(stub, 8, priority=5)
     assert len(high.result(timeout=WAIT).token_ids) == 8

@@ -12,19 +12,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-import httpx
 import psutil
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from fastserve.inference.v1 import inference_pb2 as pb
-from fastserve.inference.v1 import inference_pb2_grpc
 from fastserve.kserve.v2 import grpc_service_pb2 as kpb
 from fastserve.storage.artifacts import ArtifactStore
-from tests.support.processes import free_port, start_inference
+from tests.support.metrics import metric
+from tests.support.processes import free_port, serving_models
 from tests.support.rpc import field_of, from_raw_bytes, raw_bytes
 from tests.support.tiny_models import build_causal_lm, build_seq2seq
 from tests.support.waiting import wait_until
@@ -52,27 +50,14 @@ def metrics_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(home, tmp_path_factory, metrics_port):
-    proc = start_inference(home, tmp_path_factory.mktemp("l") / "inf.log", FASTSERVE_INFERENCE_MODELS="none",
-                           FASTSERVE_INFERENCE_METRICS_PORT=str(metrics_port))
-    with grpc.insecure_channel(proc.target) as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        for family in FAMILIES:
-            stub.LoadModel(pb.LoadModelRequest(name=family, model_uri=f"artifact://models/tiny-{family}/1"))
-    yield proc
-    proc.stop()
+    models = {family: f"artifact://models/tiny-{family}/1" for family in FAMILIES}
+    with serving_models(home, tmp_path_factory.mktemp("l") / "inf.log", models,
+                        FASTSERVE_INFERENCE_METRICS_PORT=str(metrics_port)) as proc:
+        yield proc
 
 
 def statistics(stub, name: str) -> pb.ModelStatistics:
     return stub.GetModelStatistics(pb.GetModelStatisticsRequest(name=name)).stats[0]
-
-
-def waiting(metrics_port: int, model: str) -> float:
-    """Sequences of `model` not running in the engine's latest step, from the server's Prometheus page."""
-    page = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
-    return sum(sample.value for family in text_string_to_metric_families(page)
-               if family.name == "fastserve_generation_queue_length"
-               # The engine's series name the model with its version: `one-slot/1`.
-               for sample in family.samples if sample.labels.get("model", "").split("/")[0] == model)
 
 
 def load(stub, name: str, family: str = "gpt2", **config) -> None:
@@ -191,7 +176,8 @@ def test_cancelling_a_stream_frees_its_slot_for_a_queued_request(stub, metrics_p
     next(stream)  # the long generation holds the only slot
     queued = stub.Generate.future(greedy(PROMPTS[1], 5, model="one-slot"), timeout=60)
     # Read on while polling: a stream nobody reads holds the engine back (its output is bounded).
-    wait_until(lambda: next(stream) and waiting(metrics_port, "one-slot") == 1,
+    page = f"http://127.0.0.1:{metrics_port}/metrics"
+    wait_until(lambda: next(stream) and metric(page, "fastserve_generation_queue_length", model="one-slot/1") == 1,
                "the second request to wait for the slot")
     seen = time.monotonic()
     for _ in range(20):

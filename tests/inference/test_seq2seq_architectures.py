@@ -17,7 +17,6 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForSeq2SeqLM
 
 from fastserve.inference.v1 import inference_pb2 as pb
-from fastserve.inference.v1 import inference_pb2_grpc
 from fastserve.models.kinds import SEQ2SEQ, default_task, model_kind
 from fastserve.runtime.errors import InvalidArgument
 from fastserve.services.inference.bart_decoder import BartDecoder
@@ -28,7 +27,7 @@ from fastserve.services.inference.generator import GenerationRequest, Generator
 from fastserve.services.inference.sampling_params import SamplingParams
 from fastserve.services.inference.sequence import Finish
 from fastserve.storage.artifacts import ArtifactStore
-from tests.support.processes import start_inference
+from tests.support.processes import serving_models
 from tests.support.rpc import field_of
 from tests.support.tiny_seq2seq import (
     build_bart,
@@ -145,12 +144,9 @@ def translator(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(translator, tmp_path_factory):
-    proc = start_inference(translator, tmp_path_factory.mktemp("l") / "inf.log", FASTSERVE_INFERENCE_MODELS="none")
-    with grpc.insecure_channel(proc.target) as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        stub.LoadModel(pb.LoadModelRequest(name="translator", model_uri="artifact://models/tiny-translator/1"))
-    yield proc
-    proc.stop()
+    with serving_models(translator, tmp_path_factory.mktemp("l") / "inf.log",
+                        {"translator": "artifact://models/tiny-translator/1"}) as proc:
+        yield proc
 
 
 def test_marian_translation_round_trip_through_the_server(stub, translator):

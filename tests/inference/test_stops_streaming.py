@@ -9,16 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import grpc
 import pytest
 from openai import OpenAI
 from tokenizers import Tokenizer
 
 from fastserve.inference.v1 import inference_pb2 as pb
-from fastserve.inference.v1 import inference_pb2_grpc
 from fastserve.kserve.v2 import grpc_service_pb2 as kpb
 from fastserve.storage.artifacts import ArtifactStore
-from tests.support.processes import start_gateway, start_inference
+from tests.support.processes import serving_models, start_gateway
 from tests.support.rpc import from_raw_bytes, raw_bytes
 from tests.support.tiny_models import build_decoder, build_seq2seq
 
@@ -40,13 +38,9 @@ def home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(home, tmp_path_factory):
-    proc = start_inference(home, tmp_path_factory.mktemp("l") / "inf.log", FASTSERVE_INFERENCE_MODELS="none")
-    with grpc.insecure_channel(proc.target) as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        for model in PROMPTS:
-            stub.LoadModel(pb.LoadModelRequest(name=model, model_uri=f"artifact://models/tiny-{model}/1"))
-    yield proc
-    proc.stop()
+    models = {model: f"artifact://models/tiny-{model}/1" for model in PROMPTS}
+    with serving_models(home, tmp_path_factory.mktemp("l") / "inf.log", models) as proc:
+        yield proc
 
 
 def sampling(*stops: str) -> pb.SamplingParams:

@@ -14,10 +14,9 @@ import grpc
 import pytest
 
 from fastserve.inference.v1 import inference_pb2 as pb
-from fastserve.inference.v1 import inference_pb2_grpc
 from fastserve.kserve.v2 import grpc_service_pb2 as kpb
 from fastserve.storage.artifacts import ArtifactStore
-from tests.support.processes import start_inference
+from tests.support.processes import serving_models
 from tests.support.rpc import raw_bytes
 from tests.support.tiny_models import build_decoder
 from tests.support.waiting import wait_until
@@ -41,13 +40,9 @@ def home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(home, tmp_path_factory):
-    proc = start_inference(home, tmp_path_factory.mktemp("l") / "inf.log", FASTSERVE_INFERENCE_MODELS="none")
-    with grpc.insecure_channel(proc.target) as channel:
-        config = pb.ModelConfig(batching=pb.BatchingConfig(max_batch_size=2))
-        inference_pb2_grpc.InferenceServiceStub(channel).LoadModel(
-            pb.LoadModelRequest(name=NAME, model_uri=f"artifact://models/{NAME}/1", config=config))
-    yield proc
-    proc.stop()
+    with serving_models(home, tmp_path_factory.mktemp("l") / "inf.log", {NAME: f"artifact://models/{NAME}/1"},
+                        pb.ModelConfig(batching=pb.BatchingConfig(max_batch_size=2))) as proc:
+        yield proc
 
 
 def greedy(prompt: str, n: int = LONG, version: str = "") -> pb.GenerateRequest:

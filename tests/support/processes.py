@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +56,12 @@ def on_a_free_port(start: Callable[[int], T]) -> T:
 
 
 def did_not_start(proc: Proc, what: str) -> RuntimeError:
-    """The error for a child that did not come up: PortTaken when it exited over a taken port."""
+    """Stop a child that did not come up, and return the error for it: PortTaken when it had exited over a
+    taken port."""
+    exited = proc.process.poll() is not None
+    proc.stop()
     text = proc.log_text()
-    lost_port = proc.process.poll() is not None and any(m in text for m in _PORT_TAKEN)
+    lost_port = exited and any(m in text for m in _PORT_TAKEN)
     return (PortTaken if lost_port else RuntimeError)(f"{what} on {proc.target} did not start:\n{text[-3000:]}")
 
 
@@ -114,7 +117,6 @@ def wait_serving(proc: Proc, timeout: float = 60.0) -> None:
     with grpc.insecure_channel(proc.target) as channel:
         while health_status(channel, timeout=1.0) != "SERVING":
             if proc.process.poll() is not None or time.monotonic() > deadline:
-                proc.stop()
                 raise did_not_start(proc, "server")
             time.sleep(0.1)
 
@@ -141,26 +143,38 @@ def start_inference(home: Path, log: Path, timeout: float = 180.0, **settings: s
 
 
 @contextmanager
+def serving_models(home: Path, log: Path, models: Mapping[str, str], config=None, **settings: str) -> Iterator[Proc]:
+    """An inference server of `home` with no model of its own, serving each of `models` (name → model URI),
+    each loaded with `config` (a ModelConfig) when one is given; stopped after. `settings` as for
+    `start_inference`."""
+    from fastserve.inference.v1 import inference_pb2 as pb
+    from fastserve.inference.v1 import inference_pb2_grpc
+
+    proc = start_inference(home, log, FASTSERVE_INFERENCE_MODELS="none", **settings)
+    try:
+        with grpc.insecure_channel(proc.target) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            for name, uri in models.items():
+                stub.LoadModel(pb.LoadModelRequest(name=name, model_uri=uri, config=config))
+        yield proc
+    finally:
+        proc.stop()
+
+
+@contextmanager
 def serving_folder(folder: Path, root: Path, name: str = "gpt") -> Iterator[grpc.Channel]:
     """An inference server under `root` serving the model `folder` (published as models/<name>/1) as `name`:
     a channel to it."""
     import shutil
 
-    from fastserve.inference.v1 import inference_pb2 as pb
-    from fastserve.inference.v1 import inference_pb2_grpc
     from fastserve.storage.artifacts import ArtifactStore
 
     with ArtifactStore(root / "home" / "artifacts").publish("models", name) as draft:
         for item in folder.iterdir():
             shutil.copy(item, draft.path / item.name)
-    proc = start_inference(root / "home", root / "inference.log", FASTSERVE_INFERENCE_MODELS="none")
-    try:
-        with grpc.insecure_channel(proc.target) as channel:
-            inference_pb2_grpc.InferenceServiceStub(channel).LoadModel(
-                pb.LoadModelRequest(name=name, model_uri=f"artifact://models/{name}/1"))
-            yield channel
-    finally:
-        proc.stop()
+    with serving_models(root / "home", root / "inference.log", {name: f"artifact://models/{name}/1"}) as proc, \
+            grpc.insecure_channel(proc.target) as channel:
+        yield channel
 
 
 def start_service(service: str, env: dict[str, str], log_dir: Path) -> Proc:
@@ -194,7 +208,6 @@ def start_gateway(inference: Proc | None, log: Path, token: str = "", timeout: f
             except httpx.HTTPError:
                 pass
             if proc.process.poll() is not None or time.monotonic() > deadline:
-                proc.stop()
                 raise did_not_start(proc, "the gateway")
             time.sleep(0.1)
     return on_a_free_port(start)
