@@ -12,14 +12,21 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from fastserve.client import FastServeClient
 from fastserve.corpora.stdlib import stdlib_documents
 from fastserve.inference.v1 import inference_pb2 as pb
+from fastserve.services.gateway.dashboard.metrics_scrape import GENERATED_TOKENS
 from fastserve.services.preprocessing.tokenizer_training import TokenizerSpec, save_tokenizer, train_tokenizer
 from fastserve.storage.artifacts import ArtifactStore
 from tests.support.chatml import CHATML, EOS, IM_END, IM_START
+from tests.support.metrics import metric
 from tests.support.processes import free_port, start_gateway, start_inference
 
 CHAT, BUSY, EMBED = "chat", "busy", "all-MiniLM-L6-v2"
 TOKEN = "gateway-secret"
 WINDOW = 1024
+
+
+def generated_tokens(metrics_port: int) -> float:
+    """Tokens the one-slot model BUSY has generated since the inference server started."""
+    return metric(metrics_port, GENERATED_TOKENS, model=f"{BUSY}/1")
 
 
 def build_chat_model(folder: Path) -> None:

@@ -17,9 +17,8 @@ from fastserve.inference.v1 import inference_pb2 as pb
 from fastserve.runtime import logs
 from fastserve.runtime.config import Config
 from fastserve.services.gateway.request_ids import call_metadata
-from tests.gateway.conftest import BUSY, CHAT, EMBED
+from tests.gateway.conftest import BUSY, CHAT, EMBED, generated_tokens
 from tests.support import scripted
-from tests.support.metrics import metric
 from tests.support.pki import issue
 
 LONG = 1000
@@ -67,12 +66,8 @@ def test_unary_calls_map_errors_and_stream_the_same_tokens(inference, grpc_clien
     assert parts[-1].usage.completion_tokens == whole.usage.completion_tokens == 12
 
 
-def _generated(metrics_port: int) -> float:
-    return metric(f"http://127.0.0.1:{metrics_port}/metrics", "fastserve_generation_tokens_total", model=f"{BUSY}/1")
-
-
 def test_cancelling_a_stream_stops_the_generation(inference, metrics_port, grpc_client):
-    before = _generated(metrics_port)
+    before = generated_tokens(metrics_port)
 
     async def read_some() -> int:
         async with _client(inference) as client:
@@ -84,12 +79,12 @@ def test_cancelling_a_stream_stops_the_generation(inference, metrics_port, grpc_
             return reply.usage.completion_tokens
 
     assert asyncio.run(read_some()) == 2
-    spent = _generated(metrics_port) - before
+    spent = generated_tokens(metrics_port) - before
     assert 3 <= spent < LONG
     # Nothing more is generated once the call is cancelled.
     deadline = time.monotonic() + 0.5
     while time.monotonic() < deadline:
-        assert _generated(metrics_port) - before == spent
+        assert generated_tokens(metrics_port) - before == spent
 
 
 def test_the_bearer_token_on_a_plaintext_channel_and_over_tls(tmp_path):

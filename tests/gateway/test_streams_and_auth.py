@@ -12,22 +12,17 @@ from openai import OpenAI
 
 from fastserve.client import sampling_params
 from fastserve.inference.v1 import inference_pb2 as pb
-from tests.gateway.conftest import BUSY, CHAT, TOKEN
-from tests.support.metrics import metric
+from tests.gateway.conftest import BUSY, CHAT, TOKEN, generated_tokens
 
 LONG = 1000  # with the one-token prompt, within the model's 1024-token window
 PROMPT = [5]
-
-
-def generated_tokens(metrics_port: int, model: str) -> float:
-    return metric(f"http://127.0.0.1:{metrics_port}/metrics", "fastserve_generation_tokens_total", model=f"{model}/1")
 
 
 def test_a_disconnect_frees_the_slot(base_url, openai_client, grpc_client, metrics_port):
     # The control: this prompt runs to its whole length, so a generation that stops early was cancelled.
     whole = grpc_client.generate(BUSY, PROMPT, sampling_params(max_new_tokens=LONG))
     assert whole.finish_reason == pb.FINISH_REASON_LENGTH and whole.usage.completion_tokens == LONG
-    before = generated_tokens(metrics_port, BUSY)
+    before = generated_tokens(metrics_port)
     body = {"model": BUSY, "prompt": PROMPT, "max_tokens": LONG, "stream": True}
     queued: list = []
     with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=30) as response:
@@ -46,10 +41,10 @@ def test_a_disconnect_frees_the_slot(base_url, openai_client, grpc_client, metri
     # The client has gone: the queued request gets the slot within moments, the generation cut short.
     waiter.join(timeout=5)
     assert queued and queued[0].usage.completion_tokens == 2
-    spent = generated_tokens(metrics_port, BUSY) - before
+    spent = generated_tokens(metrics_port) - before
     assert 3 <= spent < LONG
     time.sleep(0.3)
-    assert generated_tokens(metrics_port, BUSY) - before == spent
+    assert generated_tokens(metrics_port) - before == spent
 
 
 def test_auth_on(secured_gateway):

@@ -19,6 +19,7 @@ import pytest
 from fastserve.inference.v1 import inference_pb2 as pb
 from fastserve.kserve.v2 import grpc_service_pb2 as kpb
 from fastserve.models.refs import BUILTIN_MODELS
+from fastserve.services.gateway.dashboard.metrics_scrape import QUEUE_LENGTH
 from fastserve.storage.artifacts import ArtifactStore
 from tests.support.metrics import metric
 from tests.support.processes import free_port, start_inference
@@ -35,11 +36,6 @@ EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 @pytest.fixture(scope="module")
 def metrics_port():
     return free_port()
-
-
-@pytest.fixture(scope="module")
-def metrics_url(server, metrics_port):
-    return f"http://127.0.0.1:{metrics_port}/metrics"
 
 
 @pytest.fixture(scope="module")
@@ -173,13 +169,13 @@ def generate(stub, tokens: int, priority: int = 0):
                                                    sampling=pb.SamplingParams(max_new_tokens=tokens)), timeout=WAIT)
 
 
-def test_higher_priority_generation_runs_before_lower_priority_queued_earlier(stub, metrics_url):
+def test_higher_priority_generation_runs_before_lower_priority_queued_earlier(stub, metrics_port):
     long = stub.GenerateStream(pb.GenerateStreamRequest(
         model="gpt", text="hello", sampling=pb.SamplingParams(max_new_tokens=300)), timeout=WAIT)
     next(long)  # it runs: the model steps one sequence at a time
     low = generate(stub, 8)
     # The scheduler holds it, not running: queued behind the long one, before the high-priority one.
-    wait_until(lambda: metric(metrics_url, "fastserve_generation_queue_length", model="gpt/1", level="0") >= 1,
+    wait_until(lambda: metric(metrics_port, QUEUE_LENGTH, model="gpt/1", level="0") >= 1,
                "the low-priority request to queue", timeout=WAIT)
     high = generate(stub, 8, priority=5)
     assert len(high.result(timeout=WAIT).token_ids) == 8

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from fastserve.inference.v1 import inference_pb2 as pb
 from fastserve.kserve.v2 import grpc_service_pb2 as kpb
+from fastserve.services.gateway.dashboard.metrics_scrape import QUEUE_LENGTH
 from fastserve.storage.artifacts import ArtifactStore
 from tests.support.metrics import metric
 from tests.support.processes import free_port, serving_models
@@ -176,8 +177,7 @@ def test_cancelling_a_stream_frees_its_slot_for_a_queued_request(stub, metrics_p
     next(stream)  # the long generation holds the only slot
     queued = stub.Generate.future(greedy(PROMPTS[1], 5, model="one-slot"), timeout=60)
     # Read on while polling: a stream nobody reads holds the engine back (its output is bounded).
-    page = f"http://127.0.0.1:{metrics_port}/metrics"
-    wait_until(lambda: next(stream) and metric(page, "fastserve_generation_queue_length", model="one-slot/1") == 1,
+    wait_until(lambda: next(stream) and metric(metrics_port, QUEUE_LENGTH, model="one-slot/1") == 1,
                "the second request to wait for the slot")
     seen = time.monotonic()
     for _ in range(20):
